@@ -1,0 +1,1 @@
+"""The cpu backend: torch CPU kernels (oneDNN/MKL matmul, SDPA) and gloo collectives."""

@@ -1,0 +1,36 @@
+"""Entry point of the built-in cpu backend (group ``anyaccel.plugins``, name ``cpu``)."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from ...core.backend import BackendDef
+from ...plugins.hookspecs import hookimpl
+
+ANYACCEL_API_VERSION = 1
+
+
+def _describe() -> dict:
+    return {
+        "device_name": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+
+
+@hookimpl
+def anyaccel_backends(ctx):
+    return [BackendDef(name="cpu", vendor="anyaccel", device_type="cpu", kv_cache_layout="NHD",
+                       distributed_backend="gloo", block_sizes=(16, 32, 64, 128),
+                       description="torch CPU kernels (oneDNN/MKL, SDPA) and gloo collectives",
+                       describe=_describe)]
+
+
+@hookimpl
+def anyaccel_kernels(ctx):
+    from . import gemm
+
+    return [*gemm.KERNELS]

@@ -1,0 +1,1 @@
+"""The cuda backend: shared Triton kernels with NVIDIA tuning, cuBLAS through torch, NCCL collectives."""

@@ -1,0 +1,1 @@
+"""The rocm backend: shared Triton kernels with AMD tuning, hipBLAS through torch, RCCL collectives."""

@@ -1,0 +1,43 @@
+"""Entry point of the built-in rocm backend (group ``anyaccel.plugins``, name ``rocm``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...core.backend import BackendDef
+from ...plugins.hookspecs import hookimpl
+
+ANYACCEL_API_VERSION = 1
+
+
+def detect() -> Optional[str]:
+    """None when an AMD GPU is usable through this torch, else why not.
+
+    A ROCm build of torch also names its device "cuda"; ``torch.version.hip`` is what tells them apart.
+    """
+    hip = getattr(torch.version, "hip", None)
+    if not hip:
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+        return f"this torch ({torch.__version__}, {built}) is not a ROCm build"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} has HIP {hip} but sees no AMD GPU"
+    return None
+
+
+def _describe() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {"device_name": p.name, "gcn_arch": getattr(p, "gcnArchName", ""), "cu_count": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 1), "hip": torch.version.hip}
+
+
+@hookimpl
+def anyaccel_backends(ctx):
+    return [BackendDef(name="rocm", vendor="AMD", device_type="cuda", kv_cache_layout="NHD",
+                       distributed_backend="nccl", block_sizes=(16, 32, 64), detect=detect, describe=_describe,
+                       description="Triton kernels tuned for AMD GPUs (64-wide wavefronts), hipBLAS via torch, RCCL")]
+
+
+@hookimpl
+def anyaccel_kernels(ctx):
+    return []
