@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["OpCase", "poison"]
+__all__ = ["OpCase", "CaseResult", "STATUSES", "poison"]
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
@@ -59,3 +59,41 @@ class OpCase:
     @property
     def op_name(self) -> str:
         return self.op.name
+
+
+STATUSES = ("pass", "fail", "unsupported", "error")
+
+
+@dataclass
+class CaseResult:
+    """One record of a conformance report (one JSON object per case).
+
+    :param kind: ``"op"``, ``"collective"`` or ``"model"``.
+    :param status: one of :data:`STATUSES`.
+    :param max_abs_err: the largest absolute deviation from the reference (None when nothing was compared).
+    :param tolerance: the bound it was held to, as a number (the absolute bound at the worst element) or None.
+    :param reason: why it failed, errored, fell back or is unsupported ("" when it simply passed).
+    :param fallback: the op ran on the core's native implementation, not a backend kernel.
+    :param kernel: the implementation that ran (selection's choice).
+    """
+
+    backend: str
+    kind: str
+    name: str
+    dtype: str
+    status: str
+    max_abs_err: float | None = None
+    tolerance: float | None = None
+    reason: str = ""
+    op: str = ""
+    fallback: bool = False
+    kernel: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "backend": self.backend, "kind": self.kind, "name": self.name, "dtype": self.dtype,
+            "status": self.status, "max_abs_err": self.max_abs_err, "tolerance": self.tolerance,
+            "reason": self.reason, "op": self.op, "fallback": self.fallback, "kernel": self.kernel,
+            "seconds": round(self.seconds, 4),
+        }
