@@ -130,9 +130,9 @@ class Gemm(Op):
         try:
             xs = x.shape
             ws = weight.shape
-            dev = x.get_device()
+            dev = x.device
             ok = (x.dtype == dt and weight.dtype == dt and len(ws) == 2 and xs[-1] == ws[1]
-                  and dev == weight.get_device() and (self._k is None or ws[1] == self._k)
+                  and dev == weight.device and (self._k is None or ws[1] == self._k)
                   and (self._n is None or ws[0] == self._n))
         except (AttributeError, IndexError):
             ok = False
@@ -141,7 +141,7 @@ class Gemm(Op):
         n = ws[0]
         if bias is not None:
             try:
-                ok = self._bias and bias.dtype == dt and bias.shape == (n,) and bias.get_device() == dev
+                ok = self._bias and bias.dtype == dt and bias.shape == (n,) and bias.device == dev
             except AttributeError:
                 ok = False
             if not ok:
@@ -158,7 +158,7 @@ class Gemm(Op):
             try:
                 os_ = out.shape
                 ok = (out.dtype == self._out_dt and os_[-1] == n and os_[:-1] == xs[:-1]
-                      and out.get_device() == dev and out.is_contiguous())
+                      and out.device == dev and out.is_contiguous())
             except (AttributeError, IndexError):
                 ok = False
             if not ok:
