@@ -31,6 +31,6 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import gemm
+    from . import fused, gemm
 
-    return [*gemm.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS]
