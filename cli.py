@@ -1,0 +1,398 @@
+"""The ``anyaccel`` command line.
+
+  anyaccel backends [--json]                      what was discovered, what runs here, which kernels, quarantine
+  anyaccel explain OP --backend B [spec options]   which kernel a call selects, and why every other was rejected
+  anyaccel conformance [--backend B]... [...]     the conformance suite: matrix, JSON/JUnit/Markdown, exit code
+  anyaccel bench ops [--backend B] [--quick]      op benchmarks as ratios against torch on the same machine
+
+Errors print one line (``anyaccel: error: ...``) and exit 2. ``conformance`` exits 1 when a case fails or errors.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import pkgutil
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "parse_dtype", "CliError"]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_dtype(text: str):
+    """A dtype as torch spells it (float32, float16, bfloat16) or an alias (fp32, f32, fp16, half, bf16, ...)."""
+    from .conformance.runner import dtype_from_name
+
+    try:
+        return dtype_from_name(text)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _console(stderr: bool = False):
+    """A rich console; when the output is not a terminal (a log, a pipe) tables get 160 columns, not 80."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def _registry():
+    from .plugins import get_registry
+
+    return get_registry()
+
+
+def _backend(name: str, *, require_available: bool = True):
+    from .core.errors import UnsupportedError
+
+    try:
+        b = _registry().get(name)
+    except UnsupportedError as e:
+        raise CliError(str(e)) from None
+    if require_available and not b.available:
+        raise CliError(f"backend '{name}' is not available here: {b.reason}")
+    return b
+
+
+def _default_backend():
+    avail = _registry().available()
+    if not avail:
+        raise CliError("no backend is available here (see `anyaccel backends`)")
+    accel = [b for b in avail if b.definition.device_type != "cpu"]
+    return (accel or avail)[0]
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+def backends_json() -> Dict[str, Any]:
+    reg = _registry()
+    out = []
+    for b in reg.backends.values():
+        ops: Dict[str, List[Dict[str, Any]]] = {}
+        for op in b.ops:
+            ops[op] = [{"name": k.name, "provider": k.provider, "priority": k.priority,
+                        "description": k.description, "capability": _jsonable(k.capability.describe())}
+                       for k in sorted(b.kernels_for(op), key=lambda k: -k.priority)]
+        d = b.definition
+        out.append({"name": b.name, "vendor": b.vendor, "available": b.available, "reason": b.reason,
+                    "package": b.package, "version": b.version, "api_version": b.api_version,
+                    "device_type": d.device_type, "kv_cache_layout": d.kv_cache_layout,
+                    "distributed_backend": d.distributed_backend, "block_sizes": list(d.block_sizes),
+                    "description": d.description, "properties": _jsonable(dict(b.properties)), "ops": ops})
+    quarantined = [{"name": q.name, "error": q.error, "package": q.package, "version": q.version}
+                   for q in reg.quarantined]
+    return {"backends": out, "quarantined": quarantined, "warnings": list(reg.warnings)}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    data = backends_json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    t = Table(title="anyaccel backends")
+    for col in ("backend", "vendor", "plugin", "API", "available", escape("ops: kernels [provider]")):
+        t.add_column(col)
+    for b in data["backends"]:
+        avail = "[green]yes[/green]" if b["available"] else f"[red]no[/red]: {escape(b['reason'])}"
+        ops = "\n".join(f"{op}: " + ", ".join(f"{k['name']} [{k['provider']}]" for k in ks)
+                        for op, ks in b["ops"].items()) or "(none: every op falls back to the core)"
+        t.add_row(escape(b["name"]), escape(b["vendor"]), escape(f"{b['package']} {b['version']}".strip()),
+                  str(b["api_version"]), avail, escape(ops))
+    console.print(t)
+    if data["quarantined"]:
+        q = Table(title="quarantined plugins", title_style="bold red")
+        q.add_column("plugin")
+        q.add_column("package")
+        q.add_column("error")
+        for x in data["quarantined"]:
+            q.add_row(escape(x["name"]), escape(f"{x['package']} {x['version']}".strip()), escape(x["error"]))
+        console.print(q)
+    for w in data["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ explain
+
+
+def op_catalog() -> Dict[str, type]:
+    """Every op the core defines, by name: the ``Op`` subclasses exported by the core's modules."""
+    from . import core
+    from .core.dispatch import Op
+
+    ops: Dict[str, type] = {}
+    for info in pkgutil.iter_modules(core.__path__):
+        try:
+            mod = importlib.import_module(f"{core.__name__}.{info.name}")
+        except Exception:  # a core module being written is not the user's problem here
+            continue
+        for attr in getattr(mod, "__all__", ()):
+            obj = getattr(mod, attr, None)
+            if isinstance(obj, type) and issubclass(obj, Op) and obj is not Op and "name" in vars(obj):
+                ops.setdefault(obj.name, obj)
+    return ops
+
+
+#: Values for spec fields that have no default and no option given.
+_SPEC_DEFAULTS = {"num_heads": 32, "num_kv_heads": 8, "head_size": 128, "hidden_size": 4096,
+                  "in_features": None, "out_features": None, "max_position": 4096, "num_experts": 8}
+
+#: spec field -> attribute of the parsed arguments
+_FIELD_OPTIONS = {"num_heads": "num_heads", "num_kv_heads": "num_kv_heads", "head_size": "head_size",
+                  "block_size": "block_size", "sliding_window": "sliding_window", "soft_cap": "soft_cap",
+                  "scale": "scale", "in_features": "in_features", "out_features": "out_features",
+                  "has_bias": "bias", "hidden_size": "hidden_size", "style": "style", "eps": "eps",
+                  "fused_residual": "fused_residual", "rotary_dim": "rotary_dim", "max_position": "max_position",
+                  "approximate": "approximate", "num_experts": "num_experts", "kv_layout": "kv_layout"}
+
+
+def build_spec(op_cls: type, args: argparse.Namespace, backend: Any) -> Any:
+    """The op's spec from the command-line options; fields not given keep their defaults."""
+    spec_type = op_cls.spec_type
+    if not dataclasses.is_dataclass(spec_type):
+        raise CliError(f"op '{op_cls.name}' has a spec ({spec_type.__name__}) the command line cannot build")
+    kw: Dict[str, Any] = {}
+    for f in dataclasses.fields(spec_type):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        value: Any = dataclasses.MISSING
+        if f.name == "dtype":
+            value = parse_dtype(args.dtype)
+        elif f.name in ("out_dtype", "kv_cache_dtype"):
+            raw = getattr(args, f.name, None)
+            if raw is not None:
+                value = parse_dtype(raw)
+        elif f.name == "causal":
+            if args.bidirectional:
+                value = False
+        elif f.name in _FIELD_OPTIONS and getattr(args, _FIELD_OPTIONS[f.name], None) is not None:
+            value = getattr(args, _FIELD_OPTIONS[f.name])
+        if value is dataclasses.MISSING and f.name == "block_size":
+            value = backend.block_sizes[0]  # the backend's preferred size, whatever the spec's default
+        if value is dataclasses.MISSING and not has_default:
+            if f.name == "rotary_dim":
+                value = args.head_size or _SPEC_DEFAULTS["head_size"]
+            elif f.name in _SPEC_DEFAULTS:
+                value = _SPEC_DEFAULTS[f.name]
+            else:
+                raise CliError(f"op '{op_cls.name}': spec field '{f.name}' has no default and no option sets it")
+        if value is dataclasses.MISSING and f.name == "kv_layout":
+            value = backend.kv_cache_layout
+        if value is not dataclasses.MISSING:
+            kw[f.name] = value
+    try:
+        return spec_type(**kw)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"op '{op_cls.name}': cannot build {spec_type.__name__}: {e}") from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    ops = op_catalog()
+    if args.op not in ops:
+        raise CliError(f"unknown op '{args.op}'; known ops: {', '.join(sorted(ops))}")
+    op_cls = ops[args.op]
+    backend = _backend(args.backend, require_available=False) if args.backend else _default_backend()
+    spec = build_spec(op_cls, args, backend)
+    op = op_cls.build(spec, backend, strict=False)
+    sel = op.selection
+    if args.json:
+        data = sel.to_json()
+        data["available"] = backend.available
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        if not backend.available:
+            print(f"note: backend '{backend.name}' is not available here ({backend.reason}); "
+                  f"showing what it would select")
+        print(sel.explain())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ conformance
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import runner
+    from .conformance.report import render_terminal, write_json, write_junit, write_markdown
+
+    if args.backend:
+        backends = [_backend(n) for n in dict.fromkeys(args.backend)]
+    else:
+        backends = _registry().available()
+        if not backends:
+            raise CliError("no backend is available here (see `anyaccel backends`)")
+    known = runner.families()
+    fams = list(dict.fromkeys(args.family)) if args.family else None
+    for f in fams or ():
+        if f not in known:
+            raise CliError(f"unknown family '{f}'; known families: {', '.join(known)}")
+    dtypes = [parse_dtype(d) for d in dict.fromkeys(args.dtype)] if args.dtype else list(runner.DEFAULT_DTYPES)
+    if args.examples < 0:
+        raise CliError(f"--examples must be >= 0, got {args.examples}")
+    if args.strict:
+        os.environ["ANYACCEL_STRICT"] = "1"
+
+    from rich.console import Console
+
+    progress_cb = None
+    bar = None
+    if not args.quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("conformance"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+        task = bar.add_task("", total=None)
+
+        def progress_cb(done: int, total: int, label: str) -> None:
+            bar.update(task, completed=done, total=total, description=label[:60])
+        bar.start()
+    try:
+        report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
+                            seed=args.seed, progress=progress_cb)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if args.json:
+        write_json(report, args.json)
+    if args.junit:
+        write_junit(report, args.junit)
+    if args.markdown:
+        write_markdown(report, args.markdown)
+    console = _console()
+    if args.quiet:
+        s = report.summary
+        print(f"{s['total']} cases: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
+              f"{s['unsupported']} unsupported, {s['fallback']} via fallback")
+    else:
+        render_terminal(report, console)
+    return report.exit_code
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def cmd_bench_ops(args: argparse.Namespace) -> int:
+    from .bench import ops as bench_ops
+
+    backend = _backend(args.backend) if args.backend else _default_backend()
+    dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else None
+    records = bench_ops.run(backend, quick=args.quick, dtypes=dtypes, progress=None if args.quiet else
+                            (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    bench_ops.render(records, backend, console=_console())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"environment": bench_ops.environment(backend), "records": records}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anyaccel", description="A hardware-pluggable backend layer for LLM inference.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"anyaccel {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser("backends", help="list discovered backends, their kernels and quarantined plugins")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(func=cmd_backends)
+
+    e = sub.add_parser("explain", help="show which kernel an op selects on a backend, and why")
+    e.add_argument("op", help="op name (e.g. gemm, attention, rms_norm)")
+    e.add_argument("--backend", help="backend name (default: the first available)")
+    e.add_argument("--dtype", default="float16", help="float32, float16 or bfloat16 (default float16)")
+    e.add_argument("--out-dtype", dest="out_dtype")
+    e.add_argument("--kv-cache-dtype", dest="kv_cache_dtype")
+    e.add_argument("--kv-layout", dest="kv_layout", choices=("NHD", "HND"))
+    e.add_argument("--head-size", type=int)
+    e.add_argument("--num-heads", type=int)
+    e.add_argument("--num-kv-heads", type=int)
+    e.add_argument("--block-size", type=int)
+    e.add_argument("--sliding-window", type=int)
+    e.add_argument("--soft-cap", type=float)
+    e.add_argument("--scale", type=float)
+    e.add_argument("--bidirectional", action="store_true", help="attention without a causal mask")
+    e.add_argument("--in-features", type=int)
+    e.add_argument("--out-features", type=int)
+    e.add_argument("--num-experts", type=int)
+    e.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--hidden-size", type=int)
+    e.add_argument("--eps", type=float)
+    e.add_argument("--fused-residual", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--style", help="rotary style: neox or gptj")
+    e.add_argument("--rotary-dim", type=int)
+    e.add_argument("--max-position", type=int)
+    e.add_argument("--approximate", help="gelu approximation: none or tanh")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_explain)
+
+    c = sub.add_parser("conformance", help="run the conformance suite against the float64 reference")
+    c.add_argument("--backend", action="append", default=[], help="backend to test (repeatable; default: all "
+                                                                     "available)")
+    c.add_argument("--family", action="append", default=[], help="op family (repeatable; default: all)")
+    c.add_argument("--dtype", action="append", default=[], help="dtype (repeatable; default: fp32, fp16, bf16)")
+    c.add_argument("--strict", action="store_true", help="a case no kernel supports is an error, not a fallback")
+    c.add_argument("--examples", type=int, default=10, help="hypothesis-drawn cases per family and dtype")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", metavar="PATH")
+    c.add_argument("--junit", metavar="PATH")
+    c.add_argument("--markdown", metavar="PATH")
+    c.add_argument("--quiet", action="store_true", help="no progress bar and no matrix; one summary line")
+    c.set_defaults(func=cmd_conformance)
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios against torch baselines on this machine)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="WHAT")
+    bsub.required = True
+    o = bsub.add_parser("ops", help="op kernels vs torch SDPA / matmul / raw copy, and dispatch overhead")
+    o.add_argument("--backend")
+    o.add_argument("--dtype", action="append", default=[], help="default: float32 and bfloat16")
+    o.add_argument("--json", metavar="PATH")
+    o.add_argument("--quick", action="store_true", help="small shapes (a smoke run; ratios are not meaningful)")
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(func=cmd_bench_ops)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .core.errors import AnyaccelError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, AnyaccelError, OSError) as e:
+        msg = " ".join(str(e).split())  # one line, however the error was formatted
+        print(f"anyaccel: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anyaccel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The conformance suite as a pytest plugin, so a vendor runs it with the tools it already has.
+
+Usage (from any directory, with the vendor's package installed)::
+
+    pytest -p anyaccel.conformance.pytest_plugin --pyargs anyaccel.conformance --anyaccel-backend acme
+
+or, when the plugin is registered under the ``pytest11`` entry point, simply
+``pytest --pyargs anyaccel.conformance --anyaccel-backend acme``. Without the plugin loaded the same test module
+reads the environment instead (``ANYACCEL_CONFORMANCE_BACKEND=acme pytest --pyargs anyaccel.conformance``).
+
+Options (each also read from the environment variable in brackets):
+
+``--anyaccel-backend NAME`` (``ANYACCEL_CONFORMANCE_BACKEND``, comma-separated)
+    backend(s) to test, repeatable; default: every available backend.
+``--anyaccel-family NAME`` (``ANYACCEL_CONFORMANCE_FAMILY``)
+    op family to test, repeatable; default: all.
+``--anyaccel-dtype NAME`` (``ANYACCEL_CONFORMANCE_DTYPE``)
+    float32 / float16 / bfloat16 (or fp32, fp16, bf16), repeatable; default: all three.
+``--anyaccel-examples N`` (``ANYACCEL_CONFORMANCE_EXAMPLES``)
+    hypothesis-drawn cases per family and dtype (default 10).
+``--anyaccel-strict`` (``ANYACCEL_CONFORMANCE_STRICT=1``)
+    a case no kernel supports is an error instead of running through the fallback.
+
+Each case of the plan is one test item with the id ``backend-family-dtype-case name``; it runs exactly what
+``anyaccel conformance`` runs (:func:`anyaccel.conformance.runner.run_case`). A ``fail`` or ``error`` fails the
+item with the reason; an ``unsupported`` case is skipped with its reason; a pass through the core's fallback
+passes (the fallback is reported in the item's output). Collectives of a backend are one item.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Sequence
+
+import pytest
+
+__all__ = ["pytest_addoption", "generate", "check", "plan_from_config"]
+
+_ENV = {
+    "backend": "ANYACCEL_CONFORMANCE_BACKEND",
+    "family": "ANYACCEL_CONFORMANCE_FAMILY",
+    "dtype": "ANYACCEL_CONFORMANCE_DTYPE",
+    "examples": "ANYACCEL_CONFORMANCE_EXAMPLES",
+    "strict": "ANYACCEL_CONFORMANCE_STRICT",
+}
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("anyaccel", "anyaccel conformance")
+    group.addoption("--anyaccel-backend", action="append", default=None, dest="anyaccel_backend",
+                    help="backend to test (repeatable; default: every available backend)")
+    group.addoption("--anyaccel-family", action="append", default=None, dest="anyaccel_family",
+                    help="op family to test (repeatable; default: all)")
+    group.addoption("--anyaccel-dtype", action="append", default=None, dest="anyaccel_dtype",
+                    help="dtype to test (repeatable; default: float32, float16, bfloat16)")
+    group.addoption("--anyaccel-examples", type=int, default=None, dest="anyaccel_examples",
+                    help="hypothesis-drawn cases per family and dtype (default 10)")
+    group.addoption("--anyaccel-strict", action="store_true", default=None, dest="anyaccel_strict",
+                    help="treat a case no kernel supports as an error instead of using the fallback")
+
+
+def _opt(config: Any, name: str) -> Any:
+    try:
+        value = config.getoption(f"anyaccel_{name}")
+    except (ValueError, AttributeError):
+        value = None
+    if value is not None:
+        return value
+    raw = os.environ.get(_ENV[name], "").strip()
+    if not raw:
+        return None
+    if name in ("backend", "family", "dtype"):
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    if name == "examples":
+        return int(raw)
+    return raw.lower() in ("1", "true", "yes", "on")
+
+
+def plan_from_config(config: Any) -> List[Any]:
+    """The runner's plan for the options of this pytest run."""
+    from ..plugins import get_registry
+    from . import runner
+
+    reg = get_registry()
+    names: Optional[Sequence[str]] = _opt(config, "backend")
+    if names:
+        backends = []
+        for n in dict.fromkeys(names):
+            try:
+                b = reg.get(n)
+            except Exception as e:
+                raise pytest.UsageError(f"anyaccel: {' '.join(str(e).split())}") from None
+            if not b.available:
+                raise pytest.UsageError(f"anyaccel: backend '{n}' is not available here: {b.reason}")
+            backends.append(b)
+    else:
+        backends = reg.available()
+    try:
+        dtypes = [runner.dtype_from_name(d) for d in _opt(config, "dtype") or ()] or list(runner.DEFAULT_DTYPES)
+    except ValueError as e:
+        raise pytest.UsageError(f"anyaccel: {e}") from None
+    examples = _opt(config, "examples")
+    return runner.plan(backends, dtypes, _opt(config, "family"),
+                       examples=runner.DEFAULT_EXAMPLES if examples is None else examples,
+                       strict=bool(_opt(config, "strict")))
+
+
+def generate(metafunc: Any) -> None:
+    """Parametrize the ``anyaccel_case`` argument with one item per planned case (call from
+    ``pytest_generate_tests``)."""
+    if "anyaccel_case" not in metafunc.fixturenames:
+        return
+    work = plan_from_config(metafunc.config)
+    metafunc.parametrize("anyaccel_case", work, ids=[w.id for w in work])
+
+
+def check(planned: Any) -> None:
+    """Run one planned case and turn its records into a pytest outcome."""
+    results = planned.run()
+    bad = [r for r in results if r.status in ("fail", "error")]
+    for r in results:
+        if r.fallback or r.max_abs_err is not None:
+            print(f"{r.backend} {r.op} {r.dtype} [{r.name}]: {r.status} kernel={r.kernel} fallback={r.fallback} "
+                  f"max_abs_err={r.max_abs_err} tolerance={r.tolerance} {r.reason}")
+    if bad:
+        pytest.fail("\n".join(f"{r.status.upper()} {r.backend} {r.op} {r.dtype} [{r.name}]: max_abs_err="
+                              f"{r.max_abs_err} tolerance={r.tolerance}: {r.reason}" for r in bad), pytrace=False)
+    if results and all(r.status == "unsupported" for r in results):
+        pytest.skip("; ".join(r.reason for r in results))

@@ -1,0 +1,550 @@
+"""The conformance runner: every (backend, op family, dtype, case) against the float64 reference.
+
+For each backend, family and dtype the runner takes the family's fixed cases plus ``examples`` cases drawn by
+hypothesis (seeded and derandomized: the same arguments give the same cases), and for each case:
+
+1. asks the backend's kernels for the op whether any claims support
+   (``capability.not_supported_reasons(spec)`` empty);
+2. **claimed**: builds the op with ``strict=True``, runs it on NaN-poisoned outputs and compares with the
+   reference (:mod:`anyaccel.conformance.tolerances`) -> ``pass`` / ``fail``; an exception is an ``error``;
+3. **not claimed**: checks the claim the other way -- a strict build must raise the project's
+   :class:`~anyaccel.core.errors.UnsupportedError` (if it does not, the claim and the behaviour disagree:
+   ``error``). Then, unless ``strict``, the case runs through the recorded fallback (the core's native
+   implementation) and is compared like any other (``fallback=True``, the reasons in ``reason``); in strict mode
+   the case is an ``error`` listing the reasons. When not even the fallback can serve it, it is ``unsupported``.
+
+A spec the core itself rejects (``InvalidArgumentError`` at build) is an ``error`` of the case. A family module
+that is missing or broken becomes an ``error`` record for that family, never a crash. Collectives are run by
+:func:`anyaccel.conformance.collectives.run_collectives` for backends that declare a ``distributed_backend``.
+
+The process exit code rule lives in :attr:`Report.exit_code`: non-zero on any ``fail`` or ``error``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import pkgutil
+import platform
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..core.backend import Backend
+from ..core.errors import InvalidArgumentError, UnsupportedError
+from ..core.validation import dtype_name
+from .cases import STATUSES, CaseResult, OpCase
+from .tolerances import compare, describe_table, tolerance
+
+__all__ = [
+    "OP_FAMILIES", "COLLECTIVES", "MODELS", "DEFAULT_DTYPES", "DEFAULT_EXAMPLES", "Report", "PlannedCase", "families",
+    "draw_cases", "plan", "run_case", "run", "environment", "DTYPE_ALIASES", "dtype_from_name",
+]
+
+#: The op families the suite knows; each is a module ``anyaccel.conformance.ops.<family>``.
+OP_FAMILIES = ("gemm", "attention", "fused")
+#: The collectives family (``anyaccel.conformance.collectives``), run over a process group.
+COLLECTIVES = "collectives"
+#: Whole models against Hugging Face transformers (``anyaccel.conformance.models.run_models``).
+MODELS = "models"
+DEFAULT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_EXAMPLES = 10
+
+Progress = Callable[[int, int, str], None]
+
+#: Dtype spellings accepted on command lines: torch's names plus common aliases.
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def dtype_from_name(text: str) -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; raises ValueError naming the accepted spellings."""
+    key = text.strip().lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        aliases = ", ".join(k for k in DTYPE_ALIASES if k not in ("float32", "float16", "bfloat16"))
+        raise ValueError(f"unknown dtype '{text}'; expected one of float32, float16, bfloat16 (aliases: {aliases})")
+    return getattr(torch, DTYPE_ALIASES[key])
+
+
+def families() -> List[str]:
+    """Every family name the runner can run: the known ones, any extra module in ``conformance/ops``, then
+    ``collectives`` and ``models``."""
+    names = list(OP_FAMILIES)
+    from . import ops as ops_pkg
+
+    for info in pkgutil.iter_modules(ops_pkg.__path__):
+        if not info.name.startswith("_") and info.name not in names:
+            names.append(info.name)
+    return names + [COLLECTIVES, MODELS]
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Report:
+    """The result of a run: where it ran, every case's record, and which implementations were selected."""
+
+    environment: Dict[str, Any]
+    cases: List[CaseResult] = field(default_factory=list)
+    selections: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def summary(self) -> Dict[str, Any]:
+        counts = {s: 0 for s in STATUSES}
+        by_backend: Dict[str, Dict[str, int]] = {}
+        fallbacks = 0
+        for c in self.cases:
+            counts[c.status] = counts.get(c.status, 0) + 1
+            b = by_backend.setdefault(c.backend, {s: 0 for s in STATUSES})
+            b[c.status] = b.get(c.status, 0) + 1
+            fallbacks += bool(c.fallback)
+        return {"total": len(self.cases), **counts, "fallback": fallbacks, "by_backend": by_backend,
+                "exit_code": self.exit_code}
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no case failed or errored, else 1."""
+        return 1 if any(c.status in ("fail", "error") for c in self.cases) else 0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def problems(self) -> List[CaseResult]:
+        return [c for c in self.cases if c.status in ("fail", "error")]
+
+    def to_json(self) -> Dict[str, Any]:
+        from .report import to_json
+
+        return to_json(self)
+
+
+def environment(backends: Sequence[Backend] = ()) -> Dict[str, Any]:
+    """Versions and machine facts a published result needs, plus each backend's provenance and properties."""
+    from .. import __version__
+    from ..core.version import API_VERSION
+
+    env: Dict[str, Any] = {
+        "anyaccel": __version__,
+        "api_version": API_VERSION,
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import hypothesis
+
+        env["hypothesis"] = hypothesis.__version__
+    except ImportError:
+        env["hypothesis"] = None
+    env["backends"] = {b.name: backend_info(b) for b in backends}
+    return env
+
+
+def backend_info(b: Backend) -> Dict[str, Any]:
+    d = b.definition
+    return {
+        "name": b.name, "vendor": d.vendor, "package": b.package, "version": b.version,
+        "api_version": b.api_version, "available": b.available, "reason": b.reason,
+        "device_type": d.device_type, "kv_cache_layout": d.kv_cache_layout,
+        "distributed_backend": d.distributed_backend, "block_sizes": list(d.block_sizes),
+        "properties": {k: _jsonable(v) for k, v in dict(b.properties).items()},
+        "ops": {op: [k.name for k in b.kernels_for(op)] for op in b.ops},
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+
+
+def draw_cases(strategy: Any, n: int, seed: int) -> List[Any]:
+    """Draw ``n`` examples from a hypothesis strategy, reproducibly (same strategy and seed -> same examples).
+
+    A ``@given`` function records each drawn example instead of testing it; generation only (no shrinking, no
+    example database). Duplicates are kept out by the caller (by case name).
+    """
+    if n <= 0:
+        return []
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    drawn: List[Any] = []
+
+    @hseed(seed)
+    @settings(max_examples=n, derandomize=True, database=None, deadline=None, print_blob=False,
+              suppress_health_check=list(HealthCheck), phases=(Phase.generate,))
+    @given(strategy)
+    def record(example: Any) -> None:
+        drawn.append(example)
+
+    record()
+    return drawn
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    return f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+
+
+def _case_seed(seed: int, family: str, name: str) -> int:
+    return zlib.crc32(f"{seed}|{family}|{name}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class PlannedCase:
+    """One unit of work: an op case, a family that could not produce cases, or a backend's collectives.
+
+    ``run()`` returns the records it produced (one for an op case). The pytest plugin turns each into a test.
+    """
+
+    backend: Backend
+    family: str
+    dtype: Optional[torch.dtype]
+    name: str
+    case: Optional[OpCase] = None
+    seed: int = 0
+    strict: bool = False
+    error: str = ""
+    dtypes: Tuple[torch.dtype, ...] = ()
+    timeout: float = 120.0
+
+    @property
+    def id(self) -> str:
+        dt = dtype_name(self.dtype) if self.dtype is not None else "all"
+        return f"{self.backend.name}-{self.family}-{dt}-{self.name}"
+
+    def run(self) -> List[CaseResult]:
+        dt = dtype_name(self.dtype) if self.dtype is not None else "all"
+        if self.error:
+            return [CaseResult(self.backend.name, "op", self.name, dt, "error", reason=self.error, op=self.family)]
+        if self.case is not None:
+            return [run_case(self.backend, self.case, strict=self.strict, seed=self.seed)]
+        if self.family == MODELS:
+            return _run_models(self.backend, self.dtypes)
+        return _run_collectives(self.backend, self.dtypes, self.timeout)
+
+
+def _family_module(family: str) -> Any:
+    return importlib.import_module(f"{__package__}.ops.{family}")
+
+
+def _plan_family(backend: Backend, family: str, dtype: torch.dtype, examples: int, seed: int,
+                 strict: bool) -> List[PlannedCase]:
+    dt = dtype_name(dtype)
+
+    def err(what: str, e: BaseException) -> List[PlannedCase]:
+        return [PlannedCase(backend, family, dtype, f"{family} ({what})", strict=strict,
+                            error=f"{what}: {_one_line(e)}{_where(e)}")]
+
+    try:
+        mod = _family_module(family)
+    except ModuleNotFoundError as e:
+        if e.name and (e.name.endswith(f"ops.{family}")):
+            return [PlannedCase(backend, family, dtype, f"{family} (family module)", strict=strict,
+                                error=f"the conformance module of family '{family}' is missing "
+                                      f"(anyaccel.conformance.ops.{family})")]
+        return err("import of the family module", e)
+    except Exception as e:
+        return err("import of the family module", e)
+    try:
+        cases = list(mod.fixed_cases(backend, dtype))
+    except Exception as e:
+        return err("fixed_cases()", e)
+    drawn: List[OpCase] = []
+    broken: List[PlannedCase] = []
+    if examples > 0:
+        try:
+            strategy = mod.case_strategy(backend, dtype)
+            drawn = draw_cases(strategy, examples, seed)
+        except ImportError as e:
+            if getattr(e, "name", "") == "hypothesis":
+                broken = []  # no hypothesis installed: fixed cases only (recorded in the environment)
+            else:
+                broken = err("case_strategy()", e)
+        except Exception as e:
+            broken = err("case_strategy()", e)
+    out: List[PlannedCase] = []
+    seen = set()
+    for c in [*cases, *drawn]:
+        if not isinstance(c, OpCase):
+            out.extend(err("a case", TypeError(f"expected OpCase, got {type(c).__name__}")))
+            continue
+        label = f"{c.op_name}: {c.name}" if c.op_name != family else c.name
+        if label in seen:
+            continue
+        seen.add(label)
+        out.append(PlannedCase(backend, family, dtype, c.name, case=c, seed=_case_seed(seed, family, c.name),
+                               strict=strict))
+    return out + broken
+
+
+def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
+         families: Optional[Sequence[str]] = None, *, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
+         strict: bool = False, timeout: float = 120.0) -> List[PlannedCase]:
+    """Every unit of work of a run, in order (backend, family, dtype, case)."""
+    fams = list(families) if families else families_default()
+    out: List[PlannedCase] = []
+    for b in backends:
+        for fam in fams:
+            if fam in (COLLECTIVES, MODELS):
+                out.append(PlannedCase(b, fam, None, fam, dtypes=tuple(dtypes), strict=strict, timeout=timeout))
+                continue
+            for dt in dtypes:
+                out.extend(_plan_family(b, fam, dt, examples, seed, strict))
+    return out
+
+
+def families_default() -> List[str]:
+    return families()
+
+
+def run_case(backend: Backend, case: OpCase, *, strict: bool = False, seed: int = 0) -> CaseResult:
+    """Run one op case on ``backend`` and judge it (see the module docstring for the rules)."""
+    t0 = time.perf_counter()
+    res = CaseResult(backend.name, "op", case.name, dtype_name(case.dtype), "error", op=case.op_name)
+    try:
+        _judge(backend, case, strict, seed, res)
+    except Exception as e:  # the runner never dies on a case
+        res.status, res.reason = "error", f"runner: {_one_line(e)}{_where(e)}"
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _judge(backend: Backend, case: OpCase, strict: bool, seed: int, res: CaseResult) -> None:
+    op_cls, spec = case.op, case.spec
+    kernels = backend.kernels_for(op_cls.name)
+    verdicts: List[Tuple[str, List[str]]] = []
+    for k in kernels:
+        try:
+            verdicts.append((k.name, list(k.capability.not_supported_reasons(spec))))
+        except Exception as e:
+            res.status, res.reason = "error", f"{k.name}: not_supported_reasons raised {_one_line(e)}"
+            return
+    claimed = [name for name, reasons in verdicts if not reasons]
+    if claimed:
+        try:
+            op = op_cls.build(spec, backend, strict=True)
+        except InvalidArgumentError as e:
+            res.status, res.reason = "error", f"the core rejects this case's spec: {e}"
+            return
+        except UnsupportedError as e:
+            res.status, res.reason = "error", (f"{', '.join(claimed)} claim support, but a strict build "
+                                               f"raised: {_one_line(e)}")
+            return
+        except Exception as e:
+            res.status, res.reason = "error", f"build raised {_one_line(e)}{_where(e)}"
+            return
+        _execute(case, op, backend, seed, res, note="")
+        return
+
+    reasons = [f"{name}: {'; '.join(r)}" for name, r in verdicts] or [
+        f"backend '{backend.name}' has no kernel for {op_cls.name}"]
+    why = " | ".join(reasons)
+    # the claim, checked the other way: a strict build must refuse
+    try:
+        op_strict = op_cls.build(spec, backend, strict=True)
+    except InvalidArgumentError as e:
+        res.status, res.reason = "error", f"the core rejects this case's spec: {e}"
+        return
+    except UnsupportedError:
+        pass
+    except Exception as e:
+        res.status, res.reason = "error", (f"declared unsupported ({why}), but a strict build raised "
+                                           f"{_one_line(e)} instead of UnsupportedError")
+        return
+    else:
+        chosen = op_strict.selection.chosen if op_strict.selection is not None else "?"
+        res.kernel = chosen
+        res.status, res.reason = "error", (f"declared unsupported ({why}), but a strict build did not raise "
+                                           f"UnsupportedError (it selected {chosen}): the claim and the "
+                                           f"behaviour disagree")
+        return
+    if strict:
+        res.status, res.reason = "error", f"strict mode: no kernel of the backend supports this case: {why}"
+        return
+    try:
+        op = op_cls.build(spec, backend, strict=False)
+    except UnsupportedError as e:
+        res.status, res.reason = "unsupported", f"{why}; no fallback either: {_one_line(e)}"
+        return
+    except Exception as e:
+        res.status, res.reason = "error", f"fallback build raised {_one_line(e)}{_where(e)}"
+        return
+    _execute(case, op, backend, seed, res, note=f"fallback: {why}")
+
+
+def _execute(case: OpCase, op: Any, backend: Backend, seed: int, res: CaseResult, note: str) -> None:
+    sel = getattr(op, "selection", None)
+    if sel is not None:
+        res.kernel = sel.chosen
+        res.fallback = bool(sel.fallback)
+        res.selection = sel.to_json()  # type: ignore[attr-defined]  # carried to the report, not to the JSON
+    try:
+        inputs = case.make(backend.device, seed)
+    except Exception as e:
+        res.status, res.reason = "error", f"the case's make() raised {_one_line(e)}{_where(e)}"
+        return
+    try:
+        outs = case.call(op, inputs)
+    except Exception as e:
+        res.status, res.reason = "error", f"{res.kernel or 'the op'} raised {_one_line(e)}{_where(e)}"
+        return
+    try:
+        refs = case.reference(inputs)
+    except Exception as e:
+        res.status, res.reason = "error", f"the reference raised {_one_line(e)}{_where(e)}"
+        return
+    out_dtype = outs[0].dtype if len(outs) else case.dtype
+    atol, rtol = tolerance(case.tolerance_class, out_dtype, case.reduction)
+    cmp = compare(outs, refs, atol, rtol)
+    res.max_abs_err = cmp.max_abs_err if math.isfinite(cmp.max_abs_err) else float("inf")
+    res.tolerance = cmp.tolerance
+    res.status = "pass" if cmp.passed else "fail"
+    res.reason = "; ".join(x for x in (note, cmp.reason) if x)
+
+
+def _run_collectives(backend: Backend, dtypes: Sequence[torch.dtype], timeout: float) -> List[CaseResult]:
+    if not backend.definition.distributed_backend:
+        return [CaseResult(backend.name, "collective", "collectives", "all", "unsupported",
+                           reason="the backend declares no distributed_backend", op="collectives")]
+    try:
+        mod = importlib.import_module(f"{__package__}.collectives")
+        run_collectives = mod.run_collectives
+    except Exception as e:
+        return [CaseResult(backend.name, "collective", "collectives (family module)", "all", "error",
+                           reason=f"import of anyaccel.conformance.collectives failed: {_one_line(e)}",
+                           op="collectives")]
+    t0 = time.perf_counter()
+    try:
+        results = list(run_collectives(backend, tuple(dtypes), world_size=2, timeout=timeout))
+    except Exception as e:
+        return [CaseResult(backend.name, "collective", "collectives", "all", "error",
+                           reason=f"run_collectives raised {_one_line(e)}{_where(e)}", op="collectives",
+                           seconds=time.perf_counter() - t0)]
+    bad = [r for r in results if not isinstance(r, CaseResult)]
+    if bad:
+        return [CaseResult(backend.name, "collective", "collectives", "all", "error",
+                           reason=f"run_collectives returned {type(bad[0]).__name__}, expected CaseResult",
+                           op="collectives")]
+    if not results:
+        return [CaseResult(backend.name, "collective", "collectives", "all", "error",
+                           reason="run_collectives returned no result", op="collectives")]
+    return results
+
+
+def _run_models(backend: Backend, dtypes: Sequence[torch.dtype]) -> List[CaseResult]:
+    def err(reason: str) -> List[CaseResult]:
+        return [CaseResult(backend.name, "model", "models", "all", "error", reason=reason, op="models")]
+    try:
+        mod = importlib.import_module(f"{__package__}.models")
+        run_models = mod.run_models
+    except Exception as e:
+        return err(f"import of anyaccel.conformance.models failed: {_one_line(e)}")
+    try:
+        results = list(run_models(backend, tuple(dtypes)))
+    except Exception as e:
+        return err(f"run_models raised {_one_line(e)}{_where(e)}")
+    if not results or not all(isinstance(r, CaseResult) for r in results):
+        return err("run_models returned no CaseResult records")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+def _resolve(backends: Iterable[Union[Backend, str]]) -> List[Backend]:
+    out = []
+    reg = None
+    for b in backends:
+        if isinstance(b, str):
+            if reg is None:
+                from ..plugins import get_registry
+
+                reg = get_registry()
+            b = reg.get(b)
+        if not b.available:
+            raise UnsupportedError(f"backend '{b.name}' is not available here: {b.reason}")
+        out.append(b)
+    return out
+
+
+def _selection_table(results: Sequence[CaseResult]) -> List[Dict[str, Any]]:
+    table: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+    for r in results:
+        sel = getattr(r, "selection", None)
+        if not sel:
+            continue
+        key = (sel["backend"], sel["op"], sel["chosen"])
+        row = table.get(key)
+        if row is None:
+            table[key] = row = {"backend": sel["backend"], "op": sel["op"], "chosen": sel["chosen"],
+                                "provider": sel["provider"], "fallback": sel["fallback"], "cases": 0,
+                                "example_spec": sel["spec"], "rejected": [
+                                    {"name": c["name"], "reasons": list(c["reasons"])}
+                                    for c in sel["candidates"] if not c["chosen"] and c["reasons"]]}
+        row["cases"] += 1
+    return list(table.values())
+
+
+def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
+        families: Optional[Sequence[str]] = None, strict: bool = False, examples: int = DEFAULT_EXAMPLES,
+        seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0) -> Report:
+    """Run the suite and return the :class:`Report`.
+
+    :param backends: :class:`Backend` objects or names (looked up in the plugin registry); each must be available.
+    :param dtypes: the dtypes to test.
+    :param families: family names (see :func:`families`); ``None`` means all.
+    :param strict: a case no kernel supports is an ``error`` instead of running through the fallback.
+    :param examples: hypothesis-drawn cases per (backend, family, dtype), on top of the fixed ones.
+    :param seed: seeds the drawing and the inputs; the same seed gives the same run.
+    :param progress: ``progress(done, total, label)``, called once with ``done=0`` and after each unit.
+    :param timeout: seconds allowed to the collectives of one backend.
+    """
+    bs = _resolve(backends)
+    dts = tuple(dtypes)
+    t0 = time.perf_counter()
+    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout)
+    env = environment(bs)
+    env.update({"seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
+                "families": list(families) if families else families_default(),
+                "tolerances": describe_table()})
+    if env.get("hypothesis") is None and examples > 0:
+        env["note"] = "hypothesis is not installed: only the fixed cases ran"
+    results: List[CaseResult] = []
+    total = len(work)
+    if progress is not None:
+        progress(0, total, "")
+    for i, item in enumerate(work):
+        results.extend(item.run())
+        if progress is not None:
+            progress(i + 1, total, item.id)
+    env["seconds"] = round(time.perf_counter() - t0, 3)
+    return Report(environment=env, cases=results, selections=_selection_table(results))

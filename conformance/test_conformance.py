@@ -1,0 +1,11 @@
+"""The conformance suite as pytest items: ``pytest --pyargs anyaccel.conformance --anyaccel-backend NAME``
+(with ``-p anyaccel.conformance.pytest_plugin`` for the options; see that module)."""
+from anyaccel.conformance.pytest_plugin import check, generate
+
+
+def pytest_generate_tests(metafunc):
+    generate(metafunc)
+
+
+def test_case(anyaccel_case):
+    check(anyaccel_case)
