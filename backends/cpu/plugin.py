@@ -31,6 +31,6 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import fused, gemm
+    from . import attention, fused, gemm
 
-    return [*gemm.KERNELS, *fused.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS]

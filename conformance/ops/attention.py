@@ -1,0 +1,222 @@
+"""Conformance cases of the attention family: paged, varlen :class:`~anyaccel.core.attention.Attention` and the
+KV write :class:`~anyaccel.core.attention.ReshapeAndCache`.
+
+A case is a batch of sequences, each given as ``(q_len, seq_len)``: ``seq_len - q_len`` positions of past context
+plus ``q_len`` new tokens. Inputs: ``q, K, V ~ N(0, 1)`` (scores of order one at the default scale); each
+sequence's K/V are written into a cache of the backend's layout and first block size, on blocks drawn as a random
+permutation (never contiguous), with every unused cache position filled with a large finite value so a kernel
+that reads past a sequence's context fails loudly. The float64 oracle is
+:func:`~anyaccel.core.attention.attention_reference` on the same (already rounded) values.
+
+KV-write cases poison both caches (NaN), write, and compare only the written slots (tolerance class ``copy``);
+one of them has padding slots (``-1``) that must be skipped.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...core.attention import (Attention, AttentionMetadata, AttentionSpec, ReshapeAndCache, attention_reference,
+                               kv_cache_shape)
+from ..cases import OpCase, poison
+
+__all__ = ["FAMILY", "fixed_cases", "case_strategy", "make_case", "make_write_case", "make_batch", "GARBAGE"]
+
+FAMILY = "attention"
+
+#: The value every cache position no sequence owns holds: finite, and large enough to wreck any output it leaks into.
+GARBAGE = 57.0
+
+
+def make_batch(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], device: torch.device, seed: int,
+               extra_blocks: int = 3) -> Dict[str, Any]:
+    """Random inputs of one attention batch in ``spec``'s layout, deterministic in ``seed``.
+
+    Returns ``q [T, Hq, D]``, ``k_cache``, ``v_cache``, ``meta`` and the dense per-sequence ``keys``/``values``
+    (``[L, Hkv, D]`` each, in the cache dtype) that were written into the caches.
+    """
+    g = torch.Generator().manual_seed(seed)
+    P, hq, hkv, d = spec.block_size, spec.num_heads, spec.num_kv_heads, spec.head_size
+    need = [-(-L // P) for _, L in seqs]
+    num_blocks = sum(need) + extra_blocks
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max(need + [1])
+    table, starts, lens, used = [], [0], [], 0
+    for (q_len, L), nb in zip(seqs, need):
+        row = perm[used:used + nb]
+        used += nb
+        table.append(row + [0] * (max_blocks - nb))
+        starts.append(starts[-1] + q_len)
+        lens.append(L)
+    cdt = spec.cache_dtype
+    shape = kv_cache_shape(spec, num_blocks)
+    k_cache = torch.full(shape, GARBAGE, dtype=cdt)
+    v_cache = torch.full(shape, -GARBAGE, dtype=cdt)
+    keys, values = [], []
+    for s, (_, L) in enumerate(seqs):
+        k = torch.randn(L, hkv, d, generator=g).to(cdt)
+        v = torch.randn(L, hkv, d, generator=g).to(cdt)
+        keys.append(k)
+        values.append(v)
+        for pos in range(0, L, P):
+            blk, n = table[s][pos // P], min(P, L - pos)
+            if spec.kv_layout == "NHD":
+                k_cache[blk, :n] = k[pos:pos + n]
+                v_cache[blk, :n] = v[pos:pos + n]
+            else:
+                k_cache[blk, :, :n] = k[pos:pos + n].transpose(0, 1)
+                v_cache[blk, :, :n] = v[pos:pos + n].transpose(0, 1)
+    q = torch.randn(starts[-1], hq, d, generator=g).to(spec.dtype)
+    i32 = torch.int32
+    meta = AttentionMetadata.build(torch.tensor(starts, dtype=i32, device=device),
+                                   torch.tensor(lens, dtype=i32, device=device),
+                                   torch.tensor(table, dtype=i32, device=device), P)
+    return {"q": q.to(device), "k_cache": k_cache.to(device), "v_cache": v_cache.to(device), "meta": meta,
+            "keys": keys, "values": values}
+
+
+def _spec_for(backend: Any, dtype: torch.dtype, hq: int, hkv: int, d: int, **kw: Any) -> AttentionSpec:
+    return AttentionSpec(num_heads=hq, num_kv_heads=hkv, head_size=d, dtype=dtype, block_size=backend.block_sizes[0],
+                         kv_layout=backend.kv_cache_layout, **kw)
+
+
+def _describe(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]]) -> str:
+    parts = [f"S={len(seqs)}", f"Hq={spec.num_heads}", f"Hkv={spec.num_kv_heads}", f"D={spec.head_size}",
+             f"P={spec.block_size}", "q/ctx=" + ",".join(f"{q}/{L}" for q, L in seqs)]
+    if not spec.causal:
+        parts.append("bidirectional")
+    if spec.sliding_window is not None:
+        parts.append(f"W={spec.sliding_window}")
+    if spec.soft_cap is not None:
+        parts.append(f"cap={spec.soft_cap}")
+    if spec.scale is not None:
+        parts.append(f"scale={spec.scale}")
+    return " ".join(parts)
+
+
+def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str = "") -> OpCase:
+    """One attention case over the batch ``seqs`` of ``(q_len, seq_len)``."""
+    seqs = [(int(q), int(L)) for q, L in seqs]
+
+    def make(device: torch.device, seed: int) -> Dict[str, Any]:
+        return make_batch(spec, seqs, device, seed)
+
+    def call(op: Attention, inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        q = inp["q"]
+        out = poison(torch.empty_like(q))
+        return (op(q, inp["k_cache"], inp["v_cache"], inp["meta"], out=out),)
+
+    def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        return (attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec),)
+
+    name = f"{label + ' ' if label else ''}{_describe(spec, seqs)}"
+    return OpCase(op=Attention, spec=spec, name=name, tolerance_class="attention",
+                  reduction=max(L for _, L in seqs), make=make, call=call, reference=reference,
+                  tags=("fixed",) if label else ("drawn",))
+
+
+def make_write_case(spec: AttentionSpec, num_tokens: int, num_blocks: int, pad_every: int = 0,
+                    label: str = "") -> OpCase:
+    """One KV-write case: ``num_tokens`` tokens to distinct random slots of ``num_blocks`` blocks; every
+    ``pad_every``-th token (when > 0) is padding (slot ``-1``)."""
+    P, hkv, d = spec.block_size, spec.num_kv_heads, spec.head_size
+
+    def make(device: torch.device, seed: int) -> Dict[str, Any]:
+        g = torch.Generator().manual_seed(seed)
+        slots = torch.randperm(num_blocks * P, generator=g)[:num_tokens]
+        if pad_every > 0:
+            slots[::pad_every] = -1
+        key = torch.randn(num_tokens, hkv, d, generator=g).to(spec.dtype)
+        value = torch.randn(num_tokens, hkv, d, generator=g).to(spec.dtype)
+        i32 = torch.int32
+        meta = AttentionMetadata.build(torch.tensor([0, num_tokens], dtype=i32, device=device),
+                                       torch.tensor([num_tokens], dtype=i32, device=device),
+                                       torch.zeros(1, -(-num_tokens // P), dtype=i32, device=device), P,
+                                       slot_mapping=slots.to(device))
+        return {"key": key.to(device), "value": value.to(device), "meta": meta, "slots": slots}
+
+    def written(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        s = slots[slots >= 0].to(cache.device).long()
+        blk, off = s // P, s % P
+        return cache[blk, off] if spec.kv_layout == "NHD" else cache[blk, :, off]
+
+    def call(op: ReshapeAndCache, inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        key = inp["key"]
+        shape = kv_cache_shape(spec, num_blocks)
+        k_cache = poison(torch.empty(shape, dtype=spec.cache_dtype, device=key.device))
+        v_cache = poison(torch.empty(shape, dtype=spec.cache_dtype, device=key.device))
+        op(key, inp["value"], k_cache, v_cache, inp["meta"])
+        return written(k_cache, inp["slots"]), written(v_cache, inp["slots"])
+
+    def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
+        keep = inp["slots"] >= 0
+        cdt = spec.cache_dtype
+        return (inp["key"].cpu()[keep].to(cdt).double(), inp["value"].cpu()[keep].to(cdt).double())
+
+    name = (f"{label + ' ' if label else ''}kv write T={num_tokens} B={num_blocks} P={P} Hkv={hkv} D={d}"
+            f"{f' pad every {pad_every}' if pad_every else ''}")
+    return OpCase(op=ReshapeAndCache, spec=spec, name=name, tolerance_class="copy", reduction=1, make=make,
+                  call=call, reference=reference, tags=("fixed",) if label else ("drawn",))
+
+
+def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
+    P = backend.block_sizes[0]
+
+    def spec(hq: int = 4, hkv: int = 4, d: int = 64, **kw: Any) -> AttentionSpec:
+        return _spec_for(backend, dtype, hq, hkv, d, **kw)
+
+    return [
+        make_case(spec(), [(100, 100)], "pure prefill"),
+        make_case(spec(), [(37, 37), (5, 5)], "two prefills"),
+        make_case(spec(), [(40, 3 * P + 9)], "chunked prefill"),
+        make_case(spec(hq=8, hkv=2), [(1, 2 * P + 3), (1, 1), (1, 5 * P)], "decode GQA 4"),
+        make_case(spec(hq=8, hkv=2), [(1, 70), (33, 33), (20, 90), (1, 2 * P)], "mixed batch"),
+        make_case(spec(hq=8, hkv=2), [(60, 60), (1, 64)], "GQA 4"),
+        make_case(spec(hq=6, hkv=1), [(24, 50), (1, 45)], "MQA"),
+        make_case(spec(sliding_window=16), [(64, 64), (1, 3 * P + 1), (10, 50)], "window shorter than prompt"),
+        make_case(spec(soft_cap=5.0), [(48, 48), (1, 60), (8, 40)], "soft-cap"),
+        make_case(spec(hq=4, hkv=2, soft_cap=3.0, sliding_window=20), [(30, 50)], "soft-cap window GQA"),
+        make_case(spec(causal=False), [(30, 30), (17, 17)], "bidirectional"),
+        make_case(spec(d=80, hq=4, hkv=2), [(20, 50), (1, 33)], "odd head size 80"),
+        make_case(spec(d=72, scale=0.2), [(9, 40)], "head size 72 custom scale"),
+        make_write_case(spec(hq=4, hkv=2), 50, 8, label="kv write"),
+        make_write_case(spec(hq=4, hkv=2, d=80), 40, 6, pad_every=7, label="kv write padding"),
+    ]
+
+
+def case_strategy(backend: Any, dtype: torch.dtype):
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(draw_) -> OpCase:
+        P = draw_(st.sampled_from(list(backend.block_sizes[:2])))
+        hkv = draw_(st.integers(1, 3))
+        g = draw_(st.sampled_from([1, 2, 4]))
+        d = draw_(st.sampled_from([16, 32, 48, 64, 80, 96, 128]))
+        causal = draw_(st.booleans())
+        window: Optional[int] = draw_(st.one_of(st.none(), st.integers(1, 64)))
+        cap: Optional[float] = draw_(st.one_of(st.none(), st.floats(1.0, 30.0)))
+        n = draw_(st.integers(1, 4))
+        seqs = []
+        for _ in range(n):
+            L = draw_(st.integers(1, 160))
+            q = draw_(st.one_of(st.just(1), st.just(L), st.integers(1, L)))
+            seqs.append((q, L))
+        spec = AttentionSpec(num_heads=hkv * g, num_kv_heads=hkv, head_size=d, dtype=dtype, block_size=P,
+                             kv_layout=backend.kv_cache_layout, causal=causal, sliding_window=window,
+                             soft_cap=None if cap is None else round(cap, 2))
+        return make_case(spec, seqs)
+
+    @st.composite
+    def draw_write(draw_) -> OpCase:
+        P = draw_(st.sampled_from(list(backend.block_sizes[:2])))
+        spec = AttentionSpec(num_heads=2, num_kv_heads=draw_(st.integers(1, 4)),
+                             head_size=draw_(st.sampled_from([8, 64, 80, 128])), dtype=dtype, block_size=P,
+                             kv_layout=backend.kv_cache_layout)
+        spec = AttentionSpec(**{**spec.__dict__, "num_heads": spec.num_kv_heads * 2})
+        blocks = draw_(st.integers(1, 6))
+        tokens = draw_(st.integers(1, blocks * P))
+        return make_write_case(spec, tokens, blocks, pad_every=draw_(st.sampled_from([0, 0, 3])))
+
+    return st.one_of(draw(), draw(), draw(), draw_write())

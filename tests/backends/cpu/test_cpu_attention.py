@@ -1,0 +1,137 @@
+"""The cpu attention and KV-write kernels through the core ops, every dtype and both layouts, against the float64
+reference (the conformance suite's fixed cases plus kernel-specific paths)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyaccel.backends.cpu.attention import KERNELS
+from anyaccel.conformance.ops.attention import fixed_cases, make_batch, make_case
+from anyaccel.conformance.tolerances import compare, tolerance
+from anyaccel.core.attention import Attention, AttentionSpec, ReshapeAndCache, attention_reference
+from anyaccel.plugins import discover
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return discover().get("cpu")
+
+
+def test_cpu_registers_both_ops(cpu):
+    names = {k.name for k in cpu.kernels}
+    assert {"cpu.attention.sdpa_paged", "cpu.reshape_and_cache.index_copy"} <= names
+    spec = AttentionSpec(8, 2, 64, torch.bfloat16, block_size=cpu.block_sizes[0], kv_layout=cpu.kv_cache_layout,
+                         sliding_window=8, soft_cap=3.0, scale=0.1)
+    op = Attention.build(spec, cpu, strict=True)
+    assert op.selection.chosen == "cpu.attention.sdpa_paged" and not op.selection.fallback
+    assert ReshapeAndCache.build(spec, cpu, strict=True).selection.chosen == "cpu.reshape_and_cache.index_copy"
+
+
+def _run(backend, case, seed=0):
+    inp = case.make(torch.device("cpu"), seed)
+    op = case.op.build(case.spec, backend, strict=True)
+    outs = case.call(op, inp)
+    atol, rtol = tolerance(case.tolerance_class, case.dtype, case.reduction)
+    c = compare(outs, case.reference(inp), atol, rtol)
+    assert c.passed, f"{case.name}: {c.reason}"
+    return c
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_fixed_cases(make_backend, layout, dtype):
+    be = make_backend(KERNELS, layout=layout, block_sizes=(16, 64))
+    for case in fixed_cases(be, dtype):
+        _run(be, case)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("P", [1, 5, 64])
+def test_block_sizes(make_backend, layout, P):
+    be = make_backend(KERNELS, layout=layout, block_sizes=(P,))
+    spec = AttentionSpec(4, 2, 32, torch.float32, block_size=P, kv_layout=layout, sliding_window=40)
+    _run(be, make_case(spec, [(1, 70), (30, 100), (17, 17), (1, 1)]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("kw", [dict(), dict(soft_cap=4.0), dict(causal=False), dict(sliding_window=9)],
+                         ids=["causal", "soft_cap", "bidirectional", "window"])
+def test_odd_head_sizes_and_gqa(make_backend, dtype, kw):
+    be = make_backend(KERNELS, block_sizes=(16,))
+    for d, hq, hkv in ((96, 8, 2), (72, 3, 1), (80, 4, 4)):
+        spec = AttentionSpec(hq, hkv, d, dtype, block_size=16, **kw)
+        _run(be, make_case(spec, [(1, 50), (20, 45), (12, 12)]))
+
+
+def test_cache_dtype_differs_from_query_dtype(make_backend):
+    be = make_backend(KERNELS, block_sizes=(16,))
+    spec = AttentionSpec(4, 2, 32, torch.bfloat16, block_size=16, kv_cache_dtype=torch.float32)
+    _run(be, make_case(spec, [(1, 40), (9, 30)]))
+
+
+def test_metadata_shared_by_layers(make_backend):
+    """The kernel memoizes per-batch plans in meta.scratch: a second layer (other heads, other layout) on the same
+    metadata must not reuse the first one's plan wrongly."""
+    be_n = make_backend(KERNELS, layout="NHD")
+    be_h = make_backend(KERNELS, layout="HND")
+    a = AttentionSpec(4, 2, 16, torch.float32, block_size=16)
+    b = AttentionSpec(6, 3, 16, torch.float32, block_size=16, kv_layout="HND", sliding_window=5)
+    inp_a = make_batch(a, [(4, 20), (1, 9)], torch.device("cpu"), seed=1)
+    inp_b = make_batch(b, [(4, 20), (1, 9)], torch.device("cpu"), seed=1)
+    meta = inp_a["meta"]  # both batches have the same layout of sequences over blocks
+    assert torch.equal(meta.block_table, inp_b["meta"].block_table)
+    op_a, op_b = Attention.build(a, be_n, strict=True), Attention.build(b, be_h, strict=True)
+    for _ in range(2):
+        out_a = op_a(inp_a["q"], inp_a["k_cache"], inp_a["v_cache"], meta)
+        out_b = op_b(inp_b["q"], inp_b["k_cache"], inp_b["v_cache"], meta)
+        torch.testing.assert_close(out_a.double(), attention_reference(inp_a["q"], inp_a["k_cache"],
+                                                                       inp_a["v_cache"], meta, a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_b.double(), attention_reference(inp_b["q"], inp_b["k_cache"],
+                                                                       inp_b["v_cache"], meta, b), rtol=1e-5, atol=1e-5)
+    assert len(meta.scratch) == 2
+
+
+def test_empty_sequences_in_batch(make_backend):
+    """A sequence with no new tokens this step contributes nothing and breaks nothing."""
+    be = make_backend(KERNELS)
+    spec = AttentionSpec(4, 4, 16, torch.float32, block_size=16)
+    case = make_case(spec, [(3, 10), (0, 7), (1, 5)])
+    _run(be, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_long_prefill_matches_sdpa(make_backend, dtype):
+    """A 1024-token prefill equals torch SDPA on the dense tensors (the benchmark's baseline)."""
+    be = make_backend(KERNELS, block_sizes=(64,))
+    spec = AttentionSpec(4, 4, 64, dtype, block_size=64)
+    inp = make_batch(spec, [(1024, 1024)], torch.device("cpu"), seed=0)
+    out = Attention.build(spec, be, strict=True)(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"])
+    q = inp["q"].transpose(0, 1).unsqueeze(0)
+    k = inp["keys"][0].transpose(0, 1).unsqueeze(0)
+    v = inp["values"][0].transpose(0, 1).unsqueeze(0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("P,window", [(16, None), (5, 300), (64, 257)])
+def test_long_decode_is_chunked_and_exact(make_backend, layout, dtype, P, window):
+    """Decode over a long context runs chunk by chunk (log-sum-exp merge); a window starting mid-block and a block
+    size that does not divide the chunk must not shift a single position."""
+    import anyaccel.backends.cpu.attention as cpu_attention
+
+    be = make_backend(KERNELS, layout=layout, block_sizes=(P,))
+    spec = AttentionSpec(8, 2, 32, dtype, block_size=P, kv_layout=layout, sliding_window=window)
+    case = make_case(spec, [(1, 700), (1, 301), (1, 129), (3, 40)])
+    c = _run(be, case)
+    assert c.max_abs_err < c.tolerance
+    inp = case.make(torch.device("cpu"), 0)
+    Attention.build(spec, be, strict=True)(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"])
+    plans = next(iter(inp["meta"].scratch.values()))
+    assert plans[0].chunks is not None and len(plans[0].chunks) > 1
+    assert cpu_attention._SDPA_LSE is not None
