@@ -23,10 +23,12 @@ def detect() -> Optional[str]:
 
 
 def _describe() -> dict:
+    from .tuning import tuning_for
+
     p = torch.cuda.get_device_properties(0)
     return {"device_name": p.name, "compute_capability": f"{p.major}.{p.minor}",
             "sm_count": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, **tuning_for((p.major, p.minor)).describe()}
 
 
 @hookimpl
@@ -38,4 +40,15 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    return []
+    """The shared Triton kernels with the tuning of this GPU's compute capability, plus cuBLAS for GEMM."""
+    from . import gemm
+    from .tuning import device_capability, tuning_for
+
+    try:
+        from ..triton import make_kernels
+
+        triton_kernels = make_kernels("cuda", tuning_for(device_capability()), interpret=False,
+                                      gemm_min_features=gemm.TRITON_GEMM_MIN_FEATURES)
+    except ImportError:  # no triton here: cuBLAS still serves GEMM; the other ops fall back to the core
+        triton_kernels = []
+    return [*triton_kernels, *gemm.KERNELS]

@@ -26,9 +26,13 @@ def detect() -> Optional[str]:
 
 
 def _describe() -> dict:
+    from .tuning import tuning_for
+
     p = torch.cuda.get_device_properties(0)
-    return {"device_name": p.name, "gcn_arch": getattr(p, "gcnArchName", ""), "cu_count": p.multi_processor_count,
-            "memory_gib": round(p.total_memory / 2**30, 1), "hip": torch.version.hip}
+    arch = getattr(p, "gcnArchName", "")
+    return {"device_name": p.name, "gcn_arch": arch, "cu_count": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 1), "hip": torch.version.hip,
+            **tuning_for(arch).describe()}
 
 
 @hookimpl
@@ -40,4 +44,15 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    return []
+    """The shared Triton kernels with the tuning of this GPU's architecture, plus hipBLAS for GEMM."""
+    from . import gemm
+    from .tuning import device_arch, tuning_for
+
+    try:
+        from ..triton import make_kernels
+
+        triton_kernels = make_kernels("rocm", tuning_for(device_arch()), interpret=False,
+                                      gemm_min_features=gemm.TRITON_GEMM_MIN_FEATURES)
+    except ImportError:  # no triton here: hipBLAS still serves GEMM; the other ops fall back to the core
+        triton_kernels = []
+    return [*triton_kernels, *gemm.KERNELS]

@@ -1,0 +1,63 @@
+"""One kernel source, two tiers: the interpreted launch works without TRITON_INTERPRET, leaves triton's
+compiled standard library and torch's thread count as they were, and the GPU tier still builds JITFunctions."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from anyaccel.backends.triton import runtime
+from anyaccel.backends.triton.fused import rms_norm_kernel
+
+
+def test_tiers_are_separate_objects_over_one_source():
+    jit = runtime.compile_kernel(rms_norm_kernel, interpret=False)
+    interp = runtime.compile_kernel(rms_norm_kernel, interpret=True)
+    assert isinstance(jit._impl, JITFunction) and isinstance(interp._impl, InterpretedFunction)
+    assert jit._impl.fn is interp._impl.fn is rms_norm_kernel
+    assert runtime.compile_kernel(rms_norm_kernel, interpret=True) is interp        # built once
+
+
+def test_interpreted_launch_restores_triton_and_torch_state(interp):
+    from anyaccel.core.fused import RMSNorm, RMSNormSpec
+
+    before_max, before_threads = tl.max, torch.get_num_threads()
+    before_core = dict(vars(tl.core))
+    op = RMSNorm.build(RMSNormSpec(64, torch.float32), interp, strict=True)
+    op(torch.randn(4, 64), torch.ones(64))          # calls tl.sum: an interpreted stdlib twin patches tl.core
+    assert tl.max is before_max and isinstance(tl.max, JITFunction)
+    assert dict(vars(tl.core)) == before_core
+    assert torch.get_num_threads() == before_threads
+
+
+def test_interpreter_tier_runs_with_triton_interpret_unset():
+    """In a fresh process without TRITON_INTERPRET, the interpreter backend runs and GPU kernels stay compiled."""
+    code = textwrap.dedent("""
+        import os, torch
+        assert "TRITON_INTERPRET" not in os.environ
+        import triton.language as tl
+        from triton.runtime.jit import JITFunction
+        from anyaccel.plugins import discover
+        from anyaccel.core.fused import SiluAndMul, GatedActivationSpec
+        from anyaccel.backends.triton import runtime
+        from anyaccel.backends.triton.gemm import gemm_kernel
+        b = discover().get("triton-interpreter")
+        op = SiluAndMul.build(GatedActivationSpec(torch.bfloat16), b, strict=True)
+        x = torch.randn(8, 64).to(torch.bfloat16)
+        err = (op(x).double() - SiluAndMul.reference(x)).abs().max().item()
+        assert err < 0.05, err
+        assert isinstance(runtime.compile_kernel(gemm_kernel, False)._impl, JITFunction)
+        assert isinstance(tl.sum, JITFunction)
+        print("OK", op.selection.chosen)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_HUB_OFFLINE"] = "1"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK triton-interpreter.silu_and_mul" in r.stdout
