@@ -20,7 +20,8 @@ from .dispatch import Op, OpCapability
 from .errors import InvalidArgumentError
 from .validation import FLOAT_DTYPES, check_tensor, dtype_name
 
-__all__ = ["GemmSpec", "GemmCapability", "Gemm", "gemm_reference"]
+__all__ = ["GemmSpec", "GemmCapability", "Gemm", "gemm_reference", "GroupedGemmSpec", "GroupedGemmCapability",
+           "GroupedGemm", "grouped_gemm_reference", "GROUPED_GEMM_MODES"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,174 @@ class Gemm(Op):
                                        f"shape {list(weight.shape)}")
         raise InvalidArgumentError("gemm", "x", f"last dim K = {weight.shape[1]} (weight is [N, K] = "
                                    f"{list(weight.shape)})", f"shape {list(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Grouped GEMM (mixture-of-experts): every row of x is multiplied by the weight of its own expert.
+#
+# Shape legend: M rows, K input features, N output features, E experts (groups).
+#
+# Kernel contract::
+#
+#     kernel(x_MK, w_ENK, groups, out_MN) -> out_MN
+#
+# ``groups`` is ``expert_ids_M`` (mode "ids": row m uses ``w_ENK[expert_ids_M[m]]``) or ``group_sizes_E``
+# (mode "segments": rows are sorted by expert, the first ``group_sizes_E[0]`` rows use expert 0, the next
+# ``group_sizes_E[1]`` expert 1, ...; they sum to M). ``out_MN`` is preallocated and must be fully written.
+# ------------------------------------------------------------------------------------------------------------------
+
+GROUPED_GEMM_MODES = ("ids", "segments")
+
+
+@dataclass(frozen=True)
+class GroupedGemmSpec:
+    """A grouped GEMM as an MoE layer is built.
+
+    :param dtype: dtype of ``x``, ``weight`` and ``out``.
+    :param num_experts: E, the number of weight matrices.
+    :param mode: ``"ids"`` (an expert id per row) or ``"segments"`` (rows sorted by expert, sizes per expert).
+    :param in_features: K, when known at build time (checked on every call).
+    :param out_features: N, when known at build time (checked on every call).
+    """
+
+    dtype: torch.dtype = torch.float32
+    num_experts: int = 1
+    mode: str = "segments"
+    in_features: Optional[int] = None
+    out_features: Optional[int] = None
+
+    def __str__(self) -> str:
+        return (f"grouped_gemm(dtype={dtype_name(self.dtype)}, E={self.num_experts}, mode={self.mode}, "
+                f"K={self.in_features}, N={self.out_features})")
+
+
+@dataclass(frozen=True)
+class GroupedGemmCapability(OpCapability):
+    """:param modes: the group encodings the kernel accepts; :param max_experts: None means unbounded."""
+
+    modes: FrozenSet[str] = frozenset(GROUPED_GEMM_MODES)
+    max_experts: Optional[int] = None
+
+    def not_supported_reasons(self, spec: GroupedGemmSpec) -> List[str]:
+        reasons = super().not_supported_reasons(spec)
+        if spec.mode not in self.modes:
+            reasons.append(f"mode {spec.mode!r} not in supported modes {sorted(self.modes)}")
+        if self.max_experts is not None and spec.num_experts > self.max_experts:
+            reasons.append(f"num_experts {spec.num_experts} exceeds the maximum {self.max_experts}")
+        return reasons
+
+
+def _group_ids(groups: torch.Tensor, mode: str, rows: int) -> torch.Tensor:
+    """The expert id of every row (int64), whatever the encoding."""
+    if mode == "ids":
+        return groups.long()
+    return torch.repeat_interleave(torch.arange(groups.numel(), device=groups.device), groups.long(),
+                                   output_size=rows)
+
+
+def grouped_gemm_reference(x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor,
+                           mode: str = "segments") -> torch.Tensor:
+    """The float64 oracle: ``out[m] = x[m] @ weight[expert(m)].T``, in float64."""
+    ids_M = _group_ids(groups, mode, x.shape[0])
+    w_MNK = weight.double()[ids_M]
+    return torch.einsum("mk,mnk->mn", x.double(), w_MNK)
+
+
+def _grouped_native(spec: GroupedGemmSpec) -> Callable:
+    mode = spec.mode
+
+    def grouped_gemm_native(x_MK, w_ENK, groups, out_MN):
+        if mode == "ids":
+            ids_M = groups.long()
+            order = torch.argsort(ids_M, stable=True)
+            sizes = torch.bincount(ids_M, minlength=w_ENK.shape[0]).tolist()
+            x_sorted = x_MK[order]
+        else:
+            order = None
+            sizes = groups.tolist()
+            x_sorted = x_MK
+        y_sorted = torch.empty_like(out_MN) if order is not None else out_MN
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(x_sorted[start:start + n], w_ENK[e].t(), out=y_sorted[start:start + n])
+                start += n
+        if order is not None:
+            out_MN[order] = y_sorted
+        return out_MN
+
+    return grouped_gemm_native
+
+
+class GroupedGemm(Op):
+    """``out[m, :] = x[m, :] @ weight[e(m)].T`` for an [M, K] x and an [E, N, K] weight stack.
+
+    ``groups`` is an expert id per row (``mode="ids"``, [M]) or the row count of each expert with rows sorted by
+    expert (``mode="segments"``, [E], summing to M). Group values are checked (ids in range, sizes summing to M):
+    a wrong id would read another expert's weights, so this check costs one host read per call.
+    """
+
+    name = "grouped_gemm"
+    spec_type = GroupedGemmSpec
+    __slots__ = ("_dt", "_e", "_k", "_n", "_mode")
+
+    @classmethod
+    def check_spec(cls, spec: GroupedGemmSpec) -> None:
+        if spec.dtype not in FLOAT_DTYPES:
+            raise InvalidArgumentError("grouped_gemm", "spec.dtype", "one of float32, float16, bfloat16",
+                                       dtype_name(spec.dtype))
+        if not isinstance(spec.num_experts, int) or spec.num_experts <= 0:
+            raise InvalidArgumentError("grouped_gemm", "spec.num_experts", "a positive int", spec.num_experts)
+        if spec.mode not in GROUPED_GEMM_MODES:
+            raise InvalidArgumentError("grouped_gemm", "spec.mode", f"one of {GROUPED_GEMM_MODES}", spec.mode)
+        for name in ("in_features", "out_features"):
+            v = getattr(spec, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise InvalidArgumentError("grouped_gemm", f"spec.{name}", "a positive int or None", v)
+
+    @classmethod
+    def native(cls, spec: GroupedGemmSpec) -> Callable:
+        return _grouped_native(spec)
+
+    reference = staticmethod(grouped_gemm_reference)
+
+    def __init__(self, spec: GroupedGemmSpec, kernel: Callable, selection=None) -> None:
+        super().__init__(spec, kernel, selection)
+        self._dt = spec.dtype
+        self._e = spec.num_experts
+        self._k = spec.in_features
+        self._n = spec.out_features
+        self._mode = spec.mode
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        op, dt, e = "grouped_gemm", self._dt, self._e
+        check_tensor(op, "weight", weight, shape=(e, self._n, self._k), dims="E, N, K", dtypes=(dt,))
+        dev = weight.device
+        k = weight.shape[2]
+        n = weight.shape[1]
+        check_tensor(op, "x", x, shape=(None, k), dims="M, K", dtypes=(dt,), device=dev)
+        m = x.shape[0]
+        if self._mode == "ids":
+            check_tensor(op, "groups", groups, shape=(m,), dims="M (an expert id per row)",
+                         dtypes=(torch.int32, torch.int64), device=dev)
+            if m:
+                lo, hi = (int(v) for v in torch.aminmax(groups))
+                if lo < 0 or hi >= e:
+                    raise InvalidArgumentError(op, "groups", f"expert ids in [0, {e})", f"ids in [{lo}, {hi}]")
+        else:
+            check_tensor(op, "groups", groups, shape=(e,), dims="E (rows per expert)",
+                         dtypes=(torch.int32, torch.int64), device=dev)
+            sizes = groups.tolist()
+            if min(sizes) < 0 or sum(sizes) != m:
+                raise InvalidArgumentError(op, "groups", f"non-negative sizes summing to M = {m}",
+                                           f"sizes {sizes[:16]} (sum {sum(sizes)})")
+        if out is None:
+            out = torch.empty((m, n), dtype=dt, device=dev)
+        else:
+            check_tensor(op, "out", out, shape=(m, n), dims="M, N", dtypes=(dt,), device=dev)
+            if not out.is_contiguous():
+                raise InvalidArgumentError(op, "out", "a contiguous tensor", "a strided view")
+        if m:
+            self.kernel(x, weight, groups, out)
+        return out

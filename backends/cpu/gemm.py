@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ...core.gemm import GemmCapability, GemmSpec
+from ...core.gemm import GemmCapability, GemmSpec, GroupedGemmCapability, GroupedGemmSpec
 from ...core.dispatch import KernelImpl
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
@@ -25,8 +25,38 @@ def _build(spec: GemmSpec):
     return gemm_cast
 
 
+def _build_grouped(spec: GroupedGemmSpec):
+    """One torch.mm per expert with rows, written into slices of the output (ids are sorted first)."""
+    if spec.mode == "segments":
+        def grouped_gemm_segments(x_MK, w_ENK, sizes_E, out_MN):
+            start = 0
+            for e, n in enumerate(sizes_E.tolist()):
+                if n:
+                    torch.mm(x_MK[start:start + n], w_ENK[e].t(), out=out_MN[start:start + n])
+                    start += n
+            return out_MN
+        return grouped_gemm_segments
+
+    def grouped_gemm_ids(x_MK, w_ENK, ids_M, out_MN):
+        sorted_ids, order = torch.sort(ids_M)
+        sizes = torch.bincount(sorted_ids, minlength=w_ENK.shape[0]).tolist()
+        x_sorted = x_MK.index_select(0, order)
+        y_sorted = torch.empty_like(out_MN)
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(x_sorted[start:start + n], w_ENK[e].t(), out=y_sorted[start:start + n])
+                start += n
+        out_MN.index_copy_(0, order, y_sorted)
+        return out_MN
+    return grouped_gemm_ids
+
+
 KERNELS = [
     KernelImpl(op="gemm", backend="cpu", name="cpu.gemm.addmm", build=_build, priority=10,
                capability=GemmCapability(dtypes=_FLOATS, out_dtypes=_FLOATS),
                description="torch.addmm into the output buffer (oneDNN/MKL)"),
+    KernelImpl(op="grouped_gemm", backend="cpu", name="cpu.grouped_gemm.mm_per_expert", build=_build_grouped,
+               priority=10, capability=GroupedGemmCapability(dtypes=_FLOATS),
+               description="rows sorted by expert, one torch.mm per expert into output slices"),
 ]
