@@ -1,0 +1,131 @@
+"""Planted bugs are caught by the model conformance checks, and the clean model passes the same checks.
+
+A bound loose enough to pass a broken model is a defect: each bug here must turn a record to "fail".
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from anyaccel.conformance.models import TINY_CONFIGS, make_reference, run_model_checks  # noqa: E402
+from anyaccel.models import build_model  # noqa: E402
+from anyaccel.models.loading import iter_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from anyaccel.plugins.manager import get_registry
+
+    return get_registry().get("cpu")
+
+
+@pytest.fixture(scope="module")
+def refs():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = make_reference(TINY_CONFIGS[name], seed=0)
+        return cache[name]
+    return get
+
+
+def _status(recs, check):
+    return {r.name.split()[-1]: r for r in recs}[check]
+
+
+def _rebuilt(hf, backend, dtype, **config_changes):
+    """Our model with a wrong config value (the planted bug), loaded with the right weights."""
+    good = build_model(hf, backend, dtype)
+    model = type(good)(good.config.replace(**config_changes), backend, dtype)
+    model.load_weights(iter_hf_model(hf))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
+def test_clean_models_pass(backend, refs, dtype):
+    for name in ("llama", "mixtral"):
+        recs = run_model_checks(backend, name, dtype, hf=refs(name))
+        assert [r.status for r in recs] == ["pass"] * 4, [(r.name, r.reason) for r in recs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_query_off_by_one_position_is_caught(backend, refs, dtype):
+    """Queries rotated one position ahead of their keys. (Shifting q and k alike is invisible: rotary
+    attention sees only relative positions.)"""
+    def tamper(model):
+        op = model.rotary.op
+
+        def bad(pos, q, k, cache):
+            q_out, _ = op(pos + 1, q, k, cache)
+            _, k_out = op(pos, q, k, cache)
+            return q_out, k_out
+        model.rotary.op = bad
+
+    recs = run_model_checks(backend, "llama", dtype, hf=refs("llama"), tamper=tamper, checks=("logits",))
+    assert _status(recs, "logits").status == "fail"
+
+
+def test_decode_position_off_by_one_is_caught(backend, refs):
+    """Decode steps given position seq_len instead of seq_len - 1 (prefill right): greedy and paged catch it."""
+    def tamper(model):
+        forward = model.forward
+        model.forward = lambda ids, pos, kv, meta: forward(ids, pos + 1 if ids.shape[0] == 1 else pos, kv, meta)
+
+    recs = run_model_checks(backend, "llama", torch.float32, hf=refs("llama"), tamper=tamper,
+                            checks=("greedy", "paged"))
+    assert _status(recs, "paged").status == "fail"
+    assert _status(recs, "greedy").status == "fail"
+
+
+def test_wrong_norm_epsilon_is_caught(backend, refs):
+    hf = refs("qwen3")
+    model = _rebuilt(hf, backend, torch.float32, norm_eps=1e-3)  # the config says 1e-6
+    rec = _status(run_model_checks(backend, "qwen3", torch.float32, hf=hf, model=model, checks=("logits",)),
+                  "logits")
+    assert rec.status == "fail" and rec.max_abs_err > 10 * rec.tolerance
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_sliding_window_off_by_one_is_caught(backend, refs, delta):
+    hf = refs("mistral")
+    model = _rebuilt(hf, backend, torch.float32, sliding_windows=(8 + delta, 8 + delta))
+    rec = _status(run_model_checks(backend, "mistral", torch.float32, hf=hf, model=model, checks=("logits",)),
+                  "logits")
+    assert rec.status == "fail"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_experts_are_caught(backend, refs, dtype):
+    def tamper(model):
+        for layer in model.layers:
+            moe = layer.mlp
+            moe.w13 = moe.w13[[1, 0, 2, 3]].contiguous()
+            moe.w2 = moe.w2[[1, 0, 2, 3]].contiguous()
+
+    recs = run_model_checks(backend, "mixtral", dtype, hf=refs("mixtral"), tamper=tamper, checks=("logits",))
+    assert _status(recs, "logits").status == "fail"
+
+
+def test_paged_bug_is_caught_by_recompute(backend, refs):
+    """Decode steps write their K/V one slot too far (a stale slot mapping): prefill is right, so only the
+    comparison of paged decode with a full recompute (and greedy) can see it."""
+    def tamper(model):
+        for layer in model.layers:
+            attn = layer.attn.attn
+            write = attn.write
+
+            def bad(k, v, kc, vc, meta, _w=write):
+                if k.shape[0] == 1:
+                    meta = type(meta).build(meta.query_start_loc, meta.seq_lens, meta.block_table,
+                                            model.block_size, meta.slot_mapping + 1)
+                return _w(k, v, kc, vc, meta)
+            attn.write = bad
+
+    recs = run_model_checks(backend, "llama", torch.float32, hf=refs("llama"), tamper=tamper,
+                            checks=("greedy", "paged"))
+    assert _status(recs, "paged").status == "fail"
