@@ -306,6 +306,12 @@ def run(backend: Backend, *, quick: bool = False, dtypes: Optional[Sequence[torc
         records += _guard("gemm", "gemm", dt, lambda: _bench_gemm(backend, dt, shapes))
         say(f"{dtype_name(dt)}: dispatch overhead")
         records += _guard("dispatch_overhead", "dispatch", dt, lambda: _bench_dispatch(backend, dt, shapes))
+    if backend.device.type != "cpu" and not quick:
+        # Accelerator backends also get the large-shape cases of bench/gpu.py (decode at batch 64, 16k prefill,
+        # a GEMM sweep), each against its own same-device baseline measured in this run.
+        from . import gpu
+
+        records += gpu.run(backend, say)
     return records
 
 
