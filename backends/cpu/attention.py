@@ -1,9 +1,13 @@
 """cpu attention: gather each sequence's K/V rows from the paged cache into reusable head-major buffers with one
 ``index_select`` per tensor, then run torch's SDPA (oneDNN/flash CPU kernel) on them.
 
-- decode (q_len == 1): the G query heads of a kv head are folded into SDPA's query length, so K/V are gathered
-  once per kv head and no mask is needed (the window only trims the gathered range); a long context is done in
-  chunks of whole blocks small enough to stay in L2 between the gather and SDPA, merged by log-sum-exp;
+- decode (q_len == 1): every decode sequence of the batch at once, by block *columns*: for a chunk of block
+  columns one ``index_select`` gathers the (block, kv head) tiles of every sequence into a buffer small enough to be
+  re-read from cache, and one ``bmm`` scores all sequences and kv heads (``[S*Hkv, G, D] x [S*Hkv, D, c*P]``); one
+  masked softmax over all scores (positions past a sequence's end or before its window are -inf), then a second
+  pass gathers V per column chunk and accumulates ``P @ V``. About ``2 * ctx / chunk`` large ops per call instead
+  of hundreds of small ones, run on one intra-op thread (each op of a multi-threaded run ends in a barrier that
+  costs a scheduler time slice whenever another process holds a core);
 - prefill: K/V rows are gathered once per *query* head (GQA expanded by the gather itself) and SDPA runs with
   ``is_causal`` when queries and keys line up, else with a bottom-right-aligned boolean mask (chunked prefill,
   sliding window);
@@ -28,43 +32,141 @@ _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _SCRATCH = "cpu.attention"
 _MAX_SCORES = 1 << 23  # elements of one float32 score chunk in the soft-cap path (32 MB)
 _MAX_GATHER = 1 << 26  # elements of one gathered K (or V) buffer before heads are processed in groups
-# Decode chunks: at most this many positions, and at most this many bytes of K (and of V), so both stay in a
-# core's L2 between the gather and SDPA (measured best on a 2 MB-L2 Xeon: 128 positions for fp32 and bf16).
-_CHUNK_TOKENS = 128
-_CHUNK_BYTES = 1 << 20
-_DECODE_ONE_THREAD = os.environ.get("ANYACCEL_CPU_DECODE_ONE_THREAD", "").strip().lower() in ("1", "true", "yes")
+# Decode column chunks: at most this many positions per sequence, and at most this many bytes of gathered K (or V)
+# for all sequences together, so a chunk is re-read from cache by the matmul that follows its gather.
+_CHUNK_TOKENS = 512
+_CHUNK_BYTES = 16 << 20
+# Decode runs on one intra-op thread unless ANYACCEL_CPU_DECODE_THREADS says otherwise ("all" = torch's setting).
+_DECODE_THREADS = os.environ.get("ANYACCEL_CPU_DECODE_THREADS", "1").strip().lower()
 # SDPA's CPU flash kernel, which also returns the log-sum-exp needed to merge chunks (private; optional).
 _SDPA_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+class _threads:
+    """``with _threads(n)``: torch runs on at most ``n`` intra-op threads inside the block."""
+
+    __slots__ = ("n", "prev")
+
+    def __init__(self, n: int) -> None:
+        self.n, self.prev = n, 0
+
+    def __enter__(self) -> None:
+        self.prev = torch.get_num_threads()
+        if 0 < self.n < self.prev:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if torch.get_num_threads() != self.prev:
+            torch.set_num_threads(self.prev)
 
 
 class _Plan:
     """What one sequence needs, derived once per batch: positions, the key range and gather rows."""
 
-    __slots__ = ("start", "q_len", "ctx0", "k_lo", "L", "rows_kv", "chunks", "rows_q", "mask", "causal_square")
+    __slots__ = ("start", "q_len", "ctx0", "k_lo", "L", "rows_kv", "chunks", "rows_q", "mask", "causal_square",
+                 "blocks")
 
     def __init__(self, start: int, q_len: int, ctx0: int, k_lo: int, L: int) -> None:
         self.start, self.q_len, self.ctx0, self.k_lo, self.L = start, q_len, ctx0, k_lo, L
         self.rows_kv = None   # [Hkv * L] row ids, kv-head major
-        self.chunks = None    # decode: [(rows [Hkv * n], n)] over consecutive position ranges
+        self.chunks = None    # decode: [(first, end)] positions of each block-column chunk it takes part in
+        self.blocks = None    # decode: the cache blocks of its key range
         self.rows_q = None    # [Hq * L] row ids, query-head major (GQA expanded)
         self.mask = None      # [q_len, L] bool, True = attend
         self.causal_square = False
 
-def _chunk_tokens(spec: AttentionSpec) -> int:
-    """Decode gathers K and V in chunks of this many positions, so each chunk stays in the core's L2 cache."""
+def _chunk_blocks(spec: AttentionSpec, block_size: int, num_decode: int) -> int:
+    """Decode gathers this many block columns per chunk: whole blocks, at most ``_CHUNK_TOKENS`` positions per
+    sequence and ``_CHUNK_BYTES`` of K (or V) for all decode sequences together."""
     elem = torch.empty((), dtype=spec.cache_dtype).element_size()
-    return max(16, min(_CHUNK_TOKENS, _CHUNK_BYTES // (spec.num_kv_heads * spec.head_size * elem)))
+    per_pos = max(1, num_decode) * spec.num_kv_heads * spec.head_size * elem
+    tokens = max(block_size, min(_CHUNK_TOKENS, _CHUNK_BYTES // per_pos))
+    return max(1, tokens // block_size)
 
 
-def _plans(meta, spec: AttentionSpec) -> List[_Plan]:
-    chunk = _chunk_tokens(spec)
-    key = (_SCRATCH, spec.kv_layout, spec.num_kv_heads, spec.num_heads, spec.sliding_window, spec.causal, chunk)
+class _DecodeBatch:
+    """Every decode sequence of a batch, ordered by block count (longest first) so that the sequences still active
+    in a block column are a prefix: per column chunk ``j`` the gather rows of its ``active[j]`` sequences, and a
+    mask (True = not a position of the sequence's key range) over the chunk's positions."""
+
+    __slots__ = ("tokens", "contiguous", "num", "c", "active", "rows", "mask")
+
+    def __init__(self) -> None:
+        self.tokens = None      # [S] token index of each decode sequence's query, in processing order
+        self.contiguous = None  # first token if ``tokens`` is a run of consecutive tokens, else None
+        self.num = 0
+        self.c = 0              # blocks per column chunk
+        self.active = []        # per chunk: number of sequences with a block in it
+        self.rows = []          # per chunk: [active * Hkv * c] tile ids (HND) or [active * Hkv * c * P] row ids
+        self.mask = None        # [chunks, S, 1, c * P] bool or None when every gathered position is valid
+
+
+def _decode_batch(meta, spec: AttentionSpec, plans: List[_Plan], c: int) -> _DecodeBatch:
+    P, hkv = meta.block_size, spec.num_kv_heads
+    dec = [p for p in plans if p.q_len == 1]
+    spans = []  # (plan, first block index in the table, number of blocks)
+    for p in dec:
+        b0 = p.k_lo // P
+        spans.append((p, b0, -(-(p.ctx0 + 1) // P) - b0))
+    spans.sort(key=lambda x: -x[2])
+    out = _DecodeBatch()
+    out.num, out.c = len(spans), c
+    starts = [p.start for p, _, _ in spans]
+    out.tokens = torch.tensor(starts, dtype=torch.long)
+    if starts == list(range(starts[0], starts[0] + len(starts))):
+        out.contiguous = starts[0]
+    nch = -(-spans[0][2] // c)
+    cp = c * P
+    table = meta.block_table.long()
+    heads = torch.arange(hkv)
+    mask = torch.zeros(nch, len(spans), 1, cp, dtype=torch.bool)
+    need_mask = False
+    local = torch.arange(nch * cp).view(nch, cp)
+    for i, (p, b0, nb) in enumerate(spans):
+        blocks = p.blocks
+        padded = torch.full((nch * c,), int(blocks[0]), dtype=torch.long)
+        padded[:nb] = blocks
+        p.blocks = padded
+        pos = local + b0 * P  # absolute positions of the gathered columns
+        bad = (pos < p.k_lo) | (pos > p.ctx0)
+        if bool(bad.any()):
+            need_mask = True
+            mask[:, i, 0] = bad
+    for j in range(nch):
+        n = sum(1 for _, _, nb in spans if nb > j * c)
+        out.active.append(n)
+        blk = torch.stack([p.blocks[j * c:(j + 1) * c] for p, _, _ in spans[:n]])  # [n, c]
+        if spec.kv_layout == "HND":  # tiles [B * Hkv] of [P, D]
+            rows = blk.unsqueeze(1) * hkv + heads.view(1, hkv, 1)  # [n, Hkv, c]
+        else:  # rows [B * P * Hkv] of [D]: (blk * P + off) * Hkv + h
+            off = torch.arange(P)
+            rows = ((blk.unsqueeze(1).unsqueeze(-1) * P + off) * hkv + heads.view(1, hkv, 1, 1))  # [n, Hkv, c, P]
+        out.rows.append(rows.reshape(-1))
+    out.mask = mask if need_mask else None
+    return out
+
+
+def _plan_key(spec: AttentionSpec) -> tuple:
+    return (_SCRATCH, spec.kv_layout, spec.num_kv_heads, spec.num_heads, spec.sliding_window, spec.causal,
+            spec.head_size, spec.cache_dtype)
+
+
+class _Plans(list):
+    """The batch's per-sequence plans, plus ``decode``: its decode sequences as one :class:`_DecodeBatch`."""
+
+    decode = None
+
+
+def _plans(meta, spec: AttentionSpec) -> _Plans:
+    key = _plan_key(spec)
     plans = meta.scratch.get(key)
     if plans is not None:
         return plans
     P, hkv, hq = meta.block_size, spec.num_kv_heads, spec.num_heads
     window, causal = spec.sliding_window, spec.causal
-    plans = []
+    num_decode = sum(1 for s in range(meta.num_seqs) if meta.query_lens_host[s] == 1)
+    c = _chunk_blocks(spec, P, num_decode)
+    plans = _Plans()
     for s in range(meta.num_seqs):
         q_len, L_all, start = meta.query_lens_host[s], meta.seq_lens_host[s], meta.query_starts_host[s]
         if q_len == 0:
@@ -72,6 +174,13 @@ def _plans(meta, spec: AttentionSpec) -> List[_Plan]:
         ctx0 = L_all - q_len
         k_lo = max(0, ctx0 - window + 1) if window is not None else 0
         plan = _Plan(start, q_len, ctx0, k_lo, L_all - k_lo)
+        if q_len == 1:
+            b0, b1 = k_lo // P, -(-L_all // P)
+            plan.blocks = meta.block_table[s, b0:b1].long()
+            # the position ranges of the block-column chunks this sequence takes part in
+            plan.chunks = [(max(k_lo, (b0 + i) * P), min(L_all, (b0 + i + c) * P)) for i in range(0, b1 - b0, c)]
+            plans.append(plan)
+            continue
         pos_L = torch.arange(k_lo, L_all)
         blk_L = meta.block_table[s].long()[pos_L // P]
         off_L = pos_L % P
@@ -81,33 +190,21 @@ def _plans(meta, spec: AttentionSpec) -> List[_Plan]:
         else:  # HND: cache rows [B, Hkv, P] -> (blk * Hkv + h) * P + off
             rows = (blk_L.unsqueeze(0) * hkv + heads) * P + off_L.unsqueeze(0)
         plan.rows_kv = rows.reshape(-1)
-        if q_len == 1 and plan.L > chunk:
-            # Whole blocks per chunk (one large row per block and kv head: far cheaper to gather than positions);
-            # (rows, a, b): positions a..b of the gathered chunk are the context's.
-            blocks = meta.block_table[s].long()[k_lo // P:-(-L_all // P)]
-            cb = max(1, chunk // P)
-            plan.chunks = []
-            for i in range(0, blocks.numel(), cb):
-                blk = blocks[i:i + cb]
-                a = k_lo - (k_lo // P + i) * P if i == 0 else 0
-                b = min(blk.numel() * P, L_all - (k_lo // P + i) * P)
-                if spec.kv_layout == "HND":
-                    blk = (blk.unsqueeze(0) * hkv + heads).reshape(-1)  # [Hkv * nb] rows of [P, D]
-                plan.chunks.append((blk, a, b))
-        if q_len > 1:
-            g = hq // hkv
-            plan.rows_q = rows.repeat_interleave(g, dim=0).reshape(-1) if g > 1 else plan.rows_kv
-            q_pos = torch.arange(ctx0, L_all).unsqueeze(1)
-            if causal and window is None and k_lo == ctx0:
-                plan.causal_square = True
-            elif causal or window is not None:
-                allowed = torch.ones(q_len, plan.L, dtype=torch.bool)
-                if causal:
-                    allowed &= pos_L.unsqueeze(0) <= q_pos
-                if window is not None:
-                    allowed &= (q_pos - pos_L.unsqueeze(0)) < window
-                plan.mask = allowed
+        g = hq // hkv
+        plan.rows_q = rows.repeat_interleave(g, dim=0).reshape(-1) if g > 1 else plan.rows_kv
+        q_pos = torch.arange(ctx0, L_all).unsqueeze(1)
+        if causal and window is None and k_lo == ctx0:
+            plan.causal_square = True
+        elif causal or window is not None:
+            allowed = torch.ones(q_len, plan.L, dtype=torch.bool)
+            if causal:
+                allowed &= pos_L.unsqueeze(0) <= q_pos
+            if window is not None:
+                allowed &= (q_pos - pos_L.unsqueeze(0)) < window
+            plan.mask = allowed
         plans.append(plan)
+    if num_decode:
+        plans.decode = _decode_batch(meta, spec, plans, c)
     meta.scratch[key] = plans
     return plans
 
@@ -136,48 +233,58 @@ def _build(spec: AttentionSpec):
         x = buf.view(1, h, L, d)
         return x if cdt == dt else x.to(dt)
 
-    def decode(q_THD, k_rows, v_rows, plan, out_THD, k_cache, v_cache):
-        """One query token: fold the G query heads of each kv head into SDPA's query length."""
-        L, t = plan.L, plan.start
-        q_1HGD = q_THD[t].view(1, hkv, g, d)
-        if plan.chunks is not None and cap is None and _SDPA_LSE is not None:
-            return decode_chunked(q_1HGD, k_cache, v_cache, plan, out_THD)
-        k = gather(k_rows, plan.rows_kv, "k", hkv, L)
-        v = gather(v_rows, plan.rows_kv, "v", hkv, L)
-        if cap is None:
-            o = F.scaled_dot_product_attention(q_1HGD, k, v, scale=scale)
-        else:
-            s = torch.matmul(q_1HGD, k.transpose(2, 3)).float().mul_(scale / cap).tanh_().mul_(cap)
-            o = torch.matmul(torch.softmax(s, dim=-1).to(dt), v)
-        out_THD[t].view(hkv, g, d).copy_(o[0])
-
-    def gather_blocks(cache_rows: torch.Tensor, rows: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
-        """Whole blocks into a reusable buffer; positions a..b as [1, Hkv, b - a, D] (a strided view for NHD)."""
-        n = rows.numel() * cache_rows.shape[1]
-        buf = buffer(name, n, cdt).view(rows.numel(), cache_rows.shape[1])
-        torch.index_select(cache_rows, 0, rows, out=buf)
+    def decode(q_THD, k_cache, v_cache, batch: _DecodeBatch, out_THD):
+        """Every decode sequence at once, block column chunk by block column chunk (see the module docstring)."""
+        S, c = batch.num, batch.c
+        P = k_cache.shape[2] if layout == "HND" else k_cache.shape[1]
+        cp, nch, sh = c * P, len(batch.rows), S * hkv
         if layout == "HND":
-            x = buf.view(1, hkv, -1, d)[:, :, a:b]
+            k_src, v_src = k_cache.view(-1, P * d), v_cache.view(-1, P * d)
         else:
-            x = buf.view(-1, hkv, d)[a:b].transpose(0, 1).unsqueeze(0)
-        return x if cdt == dt else x.to(dt)
-
-    def decode_chunked(q_1HGD, k_cache, v_cache, plan, out_THD):
-        """Long context: attend chunk by chunk (each gathered chunk is re-read from cache, not memory), then merge
-        the partial outputs with their log-sum-exps."""
-        rows_per_block = k_cache.numel() // (k_cache.shape[0] * (hkv if layout == "HND" else 1))
-        k_block_rows = k_cache.view(-1, rows_per_block)
-        v_block_rows = v_cache.view(-1, rows_per_block)
-        outs, lses = [], []
-        for rows, a, b in plan.chunks:
-            k = gather_blocks(k_block_rows, rows, "k", a, b)
-            v = gather_blocks(v_block_rows, rows, "v", a, b)
-            o, lse = _SDPA_LSE(q_1HGD, k, v, scale=scale)  # [1, Hkv, G, D], [1, Hkv, G]
-            outs.append(o)
-            lses.append(lse)
-        w_CHG1 = torch.softmax(torch.cat(lses).float(), dim=0).unsqueeze(-1)
-        o_HGD = (torch.cat(outs).float() * w_CHG1).sum(0)
-        out_THD[plan.start].view(hkv, g, d).copy_(o_HGD)
+            k_src, v_src = k_cache.view(-1, d), v_cache.view(-1, d)
+        t0 = batch.contiguous
+        q_SHD = q_THD[t0:t0 + S] if t0 is not None else q_THD.index_select(0, batch.tokens)
+        q_RGD = q_SHD.reshape(sh, g, d)  # R = S * Hkv
+        scores = buffer("scores", nch * sh * g * cp, torch.float32).view(nch, sh, g, cp)
+        kv_n = max(batch.active) * hkv * cp * d
+        for j, rows in enumerate(batch.rows):
+            n = batch.active[j] * hkv
+            kb = buffer("kv", kv_n, cdt)[:n * cp * d].view(-1, k_src.shape[1])
+            torch.index_select(k_src, 0, rows, out=kb)
+            kb = kb.view(n, cp, d)
+            if cdt != dt:
+                kb = kb.to(dt)
+            if dt == torch.float32:
+                torch.bmm(q_RGD[:n], kb.transpose(1, 2), out=scores[j, :n])
+            else:  # rounded once to the dtype by the GEMM (float32 accumulation inside), softmax in float32
+                scores[j, :n].copy_(torch.bmm(q_RGD[:n], kb.transpose(1, 2)))
+        if cap is None:
+            scores.mul_(scale)
+        else:
+            scores.mul_(scale / cap).tanh_().mul_(cap)
+        if batch.mask is not None:
+            scores.view(nch, S, hkv * g, cp).masked_fill_(batch.mask, float("-inf"))
+        flat = scores.view(nch, sh * g, cp)
+        flat.sub_(flat.amax(dim=(0, 2), keepdim=True)).exp_()
+        denom = flat.sum(dim=(0, 2)).view(sh, g, 1)
+        probs = scores if dt == torch.float32 else scores.to(dt)
+        acc = buffer("acc", sh * g * d, torch.float32).view(sh, g, d).zero_()
+        for j, rows in enumerate(batch.rows):
+            n = batch.active[j] * hkv
+            vb = buffer("kv", kv_n, cdt)[:n * cp * d].view(-1, v_src.shape[1])
+            torch.index_select(v_src, 0, rows, out=vb)
+            vb = vb.view(n, cp, d)
+            if cdt != dt:
+                vb = vb.to(dt)
+            if dt == torch.float32:
+                acc[:n].baddbmm_(probs[j, :n], vb)
+            else:
+                acc[:n].add_(torch.bmm(probs[j, :n], vb))
+        o_SHD = acc.div_(denom).view(S, hq, d)
+        if t0 is not None:
+            out_THD[t0:t0 + S].copy_(o_SHD)
+        else:
+            out_THD.index_copy_(0, batch.tokens, o_SHD.to(dt))
 
     def prefill(q_THD, k_rows, v_rows, plan, out_THD):
         L, t0, n = plan.L, plan.start, plan.q_len
@@ -187,16 +294,19 @@ def _build(spec: AttentionSpec):
             h1 = min(hkv, h0 + kv_per_group)
             nh = (h1 - h0) * g
             rows = plan.rows_q[h0 * g * L:h1 * g * L]
-            k = gather(k_rows, rows, "k", nh, L)
-            v = gather(v_rows, rows, "v", nh, L)
-            # SDPA's CPU kernel is markedly slower on a strided query: pay for one small copy instead.
-            q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
+            # The memory-bound gathers and copies run on one thread (no barrier that stalls on a busy machine).
+            with _threads(1):
+                k = gather(k_rows, rows, "k", nh, L)
+                v = gather(v_rows, rows, "v", nh, L)
+                # SDPA's CPU kernel is markedly slower on a strided query: pay for one small copy instead.
+                q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
             if cap is None:
                 if plan.causal_square:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, is_causal=True, scale=scale)
                 else:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, attn_mask=plan.mask, scale=scale)
-                out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
+                with _threads(1):
+                    out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
             else:
                 capped(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
 
@@ -220,23 +330,13 @@ def _build(spec: AttentionSpec):
         k_rows = k_cache.view(-1, d)
         v_rows = v_cache.view(-1, d)
         plans = _plans(meta, spec)
-        # Chunked decode is hundreds of small ops; with several intra-op threads each one ends in a barrier that
-        # stalls whenever another process holds a core (measured: 100x slower on an oversubscribed 2-core
-        # machine, yet 1.7x faster than one thread on an idle one). ANYACCEL_CPU_DECODE_ONE_THREAD=1 runs them on
-        # one thread for shared machines.
-        threads = torch.get_num_threads()
-        single = _DECODE_ONE_THREAD and threads > 1 and any(p.chunks is not None for p in plans)
-        if single:
-            torch.set_num_threads(1)
-        try:
-            for plan in plans:
-                if plan.q_len == 1:
-                    decode(q_THD, k_rows, v_rows, plan, out_THD, k_cache, v_cache)
-                else:
-                    prefill(q_THD, k_rows, v_rows, plan, out_THD)
-        finally:
-            if single:
-                torch.set_num_threads(threads)
+        for plan in plans:
+            if plan.q_len > 1:
+                prefill(q_THD, k_rows, v_rows, plan, out_THD)
+        batch = plans.decode
+        if batch is not None:
+            with _threads(int(_DECODE_THREADS) if _DECODE_THREADS.isdigit() else 0):
+                decode(q_THD, k_cache, v_cache, batch, out_THD)
         return out_THD
 
     return attention

@@ -120,11 +120,13 @@ def test_long_prefill_matches_sdpa(make_backend, dtype):
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("P,window", [(16, None), (5, 300), (64, 257)])
-def test_long_decode_is_chunked_and_exact(make_backend, layout, dtype, P, window):
-    """Decode over a long context runs chunk by chunk (log-sum-exp merge); a window starting mid-block and a block
-    size that does not divide the chunk must not shift a single position."""
+def test_long_decode_is_chunked_and_exact(make_backend, monkeypatch, layout, dtype, P, window):
+    """Decode over a long context runs block-column chunk by chunk for all sequences at once (one softmax over every
+    chunk's scores); a window starting mid-block, sequences of different lengths (some inactive in later chunks) and
+    a block size that does not divide the chunk must not shift a single position."""
     import anyaccel.backends.cpu.attention as cpu_attention
 
+    monkeypatch.setattr(cpu_attention, "_CHUNK_TOKENS", 128)
     be = make_backend(KERNELS, layout=layout, block_sizes=(P,))
     spec = AttentionSpec(8, 2, 32, dtype, block_size=P, kv_layout=layout, sliding_window=window)
     case = make_case(spec, [(1, 700), (1, 301), (1, 129), (3, 40)])
