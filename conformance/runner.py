@@ -131,11 +131,11 @@ class Report:
 def environment(backends: Sequence[Backend] = ()) -> Dict[str, Any]:
     """Versions and machine facts a published result needs, plus each backend's provenance and properties."""
     from .. import __version__
-    from ..core.version import API_VERSION
+    from ..core.version import API_VERSION_STRING
 
     env: Dict[str, Any] = {
         "anyaccel": __version__,
-        "api_version": API_VERSION,
+        "api_version": API_VERSION_STRING,
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "torch": torch.__version__,
@@ -152,18 +152,72 @@ def environment(backends: Sequence[Backend] = ()) -> Dict[str, Any]:
     except ImportError:
         env["hypothesis"] = None
     env["backends"] = {b.name: backend_info(b) for b in backends}
+    plugins: Dict[str, str] = {}
+    for info in env["backends"].values():
+        plugins.setdefault(info["package"], info["version"])
+        plugins.update({p: v for p, v in info["kernel_providers"].items() if p not in plugins})
+    env["plugins"] = plugins
     return env
 
 
+def _dist_version(package: str) -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version(package)
+    except Exception:  # a module name or a backend built in a test: not an installed distribution
+        return ""
+
+
+def device_facts(device_type: str) -> Dict[str, Any]:
+    """What torch says about the current device of ``device_type`` (name, properties), through the generic device
+    module; empty when torch has nothing to say (a host device, a device module without these functions)."""
+    facts: Dict[str, Any] = {}
+    try:
+        mod = torch.get_device_module(device_type)
+    except Exception:
+        return facts
+    for key, fn in (("device_count", "device_count"), ("device_name", "get_device_name"),
+                    ("capability", "get_device_capability"), ("device_properties", "get_device_properties")):
+        f = getattr(mod, fn, None)
+        if f is None:
+            continue
+        try:
+            facts[key] = _jsonable(f())
+        except Exception:  # a device module that cannot answer here
+            continue
+    return facts
+
+
 def backend_info(b: Backend) -> Dict[str, Any]:
+    """A backend's provenance, device, declared kernels and capabilities, and the ops it has no kernel for."""
+    from ..core import OPS
+
     d = b.definition
+    kernels: Dict[str, List[Dict[str, Any]]] = {}
+    providers: Dict[str, str] = {}
+    for op in b.ops:
+        kernels[op] = []
+        for k in sorted(b.kernels_for(op), key=lambda k: -k.priority):
+            try:
+                cap = _jsonable(k.capability.describe())
+            except Exception as e:  # a capability that cannot describe itself is still reported
+                cap = f"describe() raised {_one_line(e)}"
+            kernels[op].append({"name": k.name, "provider": k.provider, "priority": k.priority, "capability": cap,
+                                "description": k.description})
+            if k.provider and k.provider != b.package and k.provider not in providers:
+                providers[k.provider] = _dist_version(k.provider)
+    device = {"type": d.device_type, **(device_facts(d.device_type) if b.available else {})}
     return {
-        "name": b.name, "vendor": d.vendor, "package": b.package, "version": b.version,
-        "api_version": b.api_version, "available": b.available, "reason": b.reason,
-        "device_type": d.device_type, "kv_cache_layout": d.kv_cache_layout,
+        "name": b.name, "vendor": d.vendor, "package": b.package, "version": b.version or _dist_version(b.package),
+        "api_version": _jsonable(b.api_version), "available": b.available, "reason": b.reason,
+        "device_type": d.device_type, "device": device, "kv_cache_layout": d.kv_cache_layout,
         "distributed_backend": d.distributed_backend, "block_sizes": list(d.block_sizes),
         "properties": {k: _jsonable(v) for k, v in dict(b.properties).items()},
         "ops": {op: [k.name for k in b.kernels_for(op)] for op in b.ops},
+        "kernels": kernels,
+        "kernel_providers": providers,
+        "missing_ops": sorted(set(OPS) - set(b.ops)),
     }
 
 
@@ -235,6 +289,7 @@ class PlannedCase:
     error: str = ""
     dtypes: Tuple[torch.dtype, ...] = ()
     timeout: float = 120.0
+    models: Optional[Tuple[str, ...]] = None
 
     @property
     def id(self) -> str:
@@ -248,7 +303,7 @@ class PlannedCase:
         if self.case is not None:
             return [run_case(self.backend, self.case, strict=self.strict, seed=self.seed)]
         if self.family == MODELS:
-            return _run_models(self.backend, self.dtypes)
+            return _run_models(self.backend, self.dtypes, self.models)
         return _run_collectives(self.backend, self.dtypes, self.timeout)
 
 
@@ -308,14 +363,15 @@ def _plan_family(backend: Backend, family: str, dtype: torch.dtype, examples: in
 
 def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
          families: Optional[Sequence[str]] = None, *, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
-         strict: bool = False, timeout: float = 120.0) -> List[PlannedCase]:
+         strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None) -> List[PlannedCase]:
     """Every unit of work of a run, in order (backend, family, dtype, case)."""
     fams = list(families) if families else families_default()
     out: List[PlannedCase] = []
     for b in backends:
         for fam in fams:
             if fam in (COLLECTIVES, MODELS):
-                out.append(PlannedCase(b, fam, None, fam, dtypes=tuple(dtypes), strict=strict, timeout=timeout))
+                out.append(PlannedCase(b, fam, None, fam, dtypes=tuple(dtypes), strict=strict, timeout=timeout,
+                                       models=tuple(models) if models else None))
                 continue
             for dt in dtypes:
                 out.extend(_plan_family(b, fam, dt, examples, seed, strict))
@@ -460,20 +516,40 @@ def _run_collectives(backend: Backend, dtypes: Sequence[torch.dtype], timeout: f
     return results
 
 
-def _run_models(backend: Backend, dtypes: Sequence[torch.dtype]) -> List[CaseResult]:
-    def err(reason: str) -> List[CaseResult]:
-        return [CaseResult(backend.name, "model", "models", "all", "error", reason=reason, op="models")]
-    try:
-        mod = importlib.import_module(f"{__package__}.models")
-        run_models = mod.run_models
-    except Exception as e:
-        return err(f"import of anyaccel.conformance.models failed: {_one_line(e)}")
-    try:
-        results = list(run_models(backend, tuple(dtypes)))
-    except Exception as e:
-        return err(f"run_models raised {_one_line(e)}{_where(e)}")
-    if not results or not all(isinstance(r, CaseResult) for r in results):
-        return err("run_models returned no CaseResult records")
+def model_names() -> List[str]:
+    """Every model the ``models`` family knows: the built-in tiny families, then the real checkpoints."""
+    from . import models as tiny, real_models
+
+    return list(tiny.TINY_CONFIGS) + list(real_models.REAL_MODEL_NAMES)
+
+
+def _run_models(backend: Backend, dtypes: Sequence[torch.dtype],
+                models: Optional[Sequence[str]] = None) -> List[CaseResult]:
+    """The built-in tiny families (``conformance.models``) and the real checkpoints (``conformance.real_models``),
+    optionally filtered by name; each source is guarded on its own."""
+    results: List[CaseResult] = []
+    for module, fn_name in (("models", "run_models"), ("real_models", "run_real_models")):
+        def err(reason: str) -> List[CaseResult]:
+            return [CaseResult(backend.name, "model", module, "all", "error", reason=reason, op="models")]
+        try:
+            mod = importlib.import_module(f"{__package__}.{module}")
+            fn = getattr(mod, fn_name)
+            known = list(mod.TINY_CONFIGS if module == "models" else mod.REAL_MODEL_NAMES)
+        except Exception as e:
+            results += err(f"import of anyaccel.conformance.{module} failed: {_one_line(e)}")
+            continue
+        wanted = [m for m in known if models is None or m in models]
+        if not wanted:
+            continue
+        try:
+            got = list(fn(backend, tuple(dtypes), models=wanted))
+        except Exception as e:
+            results += err(f"{fn_name} raised {_one_line(e)}{_where(e)}")
+            continue
+        if not got or not all(isinstance(r, CaseResult) for r in got):
+            results += err(f"{fn_name} returned no CaseResult records")
+            continue
+        results += got
     return results
 
 
@@ -516,7 +592,8 @@ def _selection_table(results: Sequence[CaseResult]) -> List[Dict[str, Any]]:
 
 def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
         families: Optional[Sequence[str]] = None, strict: bool = False, examples: int = DEFAULT_EXAMPLES,
-        seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0) -> Report:
+        seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0,
+        models: Optional[Sequence[str]] = None) -> Report:
     """Run the suite and return the :class:`Report`.
 
     :param backends: :class:`Backend` objects or names (looked up in the plugin registry); each must be available.
@@ -527,11 +604,12 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
     :param seed: seeds the drawing and the inputs; the same seed gives the same run.
     :param progress: ``progress(done, total, label)``, called once with ``done=0`` and after each unit.
     :param timeout: seconds allowed to the collectives of one backend.
+    :param models: model names for the ``models`` family (see :func:`model_names`); ``None`` means all.
     """
     bs = _resolve(backends)
     dts = tuple(dtypes)
     t0 = time.perf_counter()
-    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout)
+    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models)
     env = environment(bs)
     env.update({"seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
                 "families": list(families) if families else families_default(),
