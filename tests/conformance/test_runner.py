@@ -190,21 +190,35 @@ def test_unavailable_backend_is_refused():
         runner.run([b], families=["gemm"])
 
 
-def test_models_family_is_delegated_and_guarded(monkeypatch):
+def test_models_family_is_delegated_filtered_and_guarded(monkeypatch):
     fake = types.ModuleType("anyaccel.conformance.models")
+    fake.TINY_CONFIGS = {"llama": {}, "gpt2": {}}
+    real = types.ModuleType("anyaccel.conformance.real_models")
+    real.REAL_MODEL_NAMES = ("smollm2",)
     seen = []
 
-    def run_models(backend, dtypes):
-        seen.append(tuple(dtypes))
-        return [CaseResult(backend.name, "model", "llama logits", "float32", "pass", 1e-6, 1e-5, op="llama")]
+    def run_models(backend, dtypes, models=None):
+        seen.append((tuple(dtypes), tuple(models)))
+        return [CaseResult(backend.name, "model", f"{m} logits", "float32", "pass", 1e-6, 1e-5, op=m) for m in models]
+
+    def run_real_models(backend, dtypes, models=None):
+        seen.append(("real", tuple(models)))
+        return [CaseResult(backend.name, "model", "smollm2 greedy", "float32", "unsupported", reason="not installed")]
     fake.run_models = run_models
+    real.run_real_models = run_real_models
     monkeypatch.setitem(sys.modules, "anyaccel.conformance.models", fake)
+    monkeypatch.setitem(sys.modules, "anyaccel.conformance.real_models", real)
     b = _backend("m", GemmCapability())
     rep = runner.run([b], families=["models"], dtypes=(F32,))
-    assert seen == [(F32,)] and [c.status for c in rep.cases] == ["pass"]
+    assert seen == [((F32,), ("llama", "gpt2")), ("real", ("smollm2",))]
+    assert [c.status for c in rep.cases] == ["pass", "pass", "unsupported"]
+    seen.clear()
+    rep = runner.run([b], families=["models"], dtypes=(F32,), models=["gpt2"])
+    assert seen == [((F32,), ("gpt2",))] and [c.name for c in rep.cases] == ["gpt2 logits"]
 
-    def broken(backend, dtypes):
+    def broken(backend, dtypes, models=None):
         raise ImportError("transformers missing")
     fake.run_models = broken
     rep = runner.run([b], families=["models"], dtypes=(F32,))
     assert rep.cases[0].status == "error" and "transformers missing" in rep.cases[0].reason
+    assert rep.cases[1].status == "unsupported"  # the real-checkpoint source still ran
