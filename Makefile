@@ -25,6 +25,7 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e ".[test]"
+	$(PIP) ./examples/acme-anyaccel ./examples/fastnorm-anyaccel
 	touch $@
 
 setup: $(VENV)/.base

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 from .cases import STATUSES, CaseResult
 
 __all__ = ["to_json", "write_json", "to_junit", "write_junit", "to_markdown", "write_markdown", "matrix",
-           "render_terminal", "cell_text"]
+           "render_terminal", "cell_text", "strict_gaps"]
 
 
 # ------------------------------------------------------------------------------------------------ matrix
@@ -65,6 +65,17 @@ def cell_text(cell: Optional[Dict[str, int]]) -> Tuple[str, str]:
     return text, style
 
 
+def strict_gaps(report: Any) -> Dict[str, Dict[str, List[str]]]:
+    """``{backend: {op: [dtypes]}}`` of the cases strict mode turned into errors (no kernel supports them)."""
+    gaps: Dict[str, Dict[str, List[str]]] = {}
+    for c in report.cases:
+        if c.status == "error" and c.reason.startswith("strict mode:"):
+            dts = gaps.setdefault(c.backend, {}).setdefault(c.op or c.name, [])
+            if c.dtype not in dts:
+                dts.append(c.dtype)
+    return gaps
+
+
 def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -97,6 +108,11 @@ def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50
             console.print(f"      {c.reason}", highlight=False, markup=False)
         if len(problems) > show_problems:
             console.print(f"  ... and {len(problems) - show_problems} more (see the JSON report)")
+    gaps = strict_gaps(report)
+    for backend, ops in gaps.items():
+        what = ", ".join(f"{op} ({', '.join(dts)})" for op, dts in ops.items())
+        console.print(f"[bold red]strict mode:[/bold red] backend '{backend}' has no kernel supporting: {what}",
+                      highlight=False)
     s = report.summary
     style = "green" if report.exit_code == 0 else "bold red"
     console.print(f"[{style}]{s['total']} cases: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
@@ -162,9 +178,15 @@ def to_junit(report: Any) -> str:
             if key in env:
                 ET.SubElement(props, "property", name=key, value=str(env[key]))
         b = env.get("backends", {}).get(backend, {})
-        for key in ("package", "version", "vendor"):
+        for key in ("package", "version", "vendor", "api_version"):
             if key in b:
                 ET.SubElement(props, "property", name=f"backend.{key}", value=str(b[key]))
+        for key, v in b.get("device", {}).items():
+            ET.SubElement(props, "property", name=f"device.{key}", value=str(v))
+        for pkg, ver in b.get("kernel_providers", {}).items():
+            ET.SubElement(props, "property", name=f"kernel_provider.{pkg}", value=str(ver))
+        if b.get("missing_ops"):
+            ET.SubElement(props, "property", name="backend.missing_ops", value=",".join(b["missing_ops"]))
         for c in cases:
             tc = ET.SubElement(suite, "testcase", classname=f"anyaccel.{backend}.{c.op or c.kind}.{c.dtype}",
                                name=c.name, time=f"{c.seconds:.4f}")
@@ -213,12 +235,22 @@ def to_markdown(report: Any) -> str:
     out.append("")
     backends = env.get("backends", {})
     if backends:
-        out += ["### Backends", "", "| backend | vendor | package | version | API | properties |",
-                "|---|---|---|---|---|---|"]
+        out += ["### Backends", "", "| backend | vendor | package | version | API | device | properties |",
+                "|---|---|---|---|---|---|---|"]
         for name, b in backends.items():
             props = ", ".join(f"{k}={v}" for k, v in b.get("properties", {}).items())
+            device = ", ".join(f"{k}={v}" for k, v in b.get("device", {"type": b.get("device_type", "")}).items())
             out.append(f"| {_md(name)} | {_md(b.get('vendor', ''))} | {_md(b.get('package', ''))} | "
-                       f"{_md(b.get('version', ''))} | {_md(b.get('api_version', ''))} | {_md(props)} |")
+                       f"{_md(b.get('version', ''))} | {_md(b.get('api_version', ''))} | {_md(device)} | "
+                       f"{_md(props)} |")
+        out.append("")
+    plugins = env.get("plugins", {})
+    if plugins:
+        out += ["### Plugin packages", "", "| package | version | supplies |", "|---|---|---|"]
+        for pkg, ver in plugins.items():
+            roles = [f"backend {n}" for n, b in backends.items() if b.get("package") == pkg]
+            roles += [f"kernels for {n}" for n, b in backends.items() if pkg in b.get("kernel_providers", {})]
+            out.append(f"| {_md(pkg)} | {_md(ver)} | {_md(', '.join(roles))} |")
         out.append("")
     rows, cols, cells = matrix(report)
     out += ["## Matrix", "", "| op | " + " | ".join(f"{b} {dt}" for b, dt in cols) + " |",
@@ -226,12 +258,15 @@ def to_markdown(report: Any) -> str:
     for r in rows:
         out.append(f"| {_md(r)} | " + " | ".join(_md(cell_text(cells.get((r, col)))[0]) for col in cols) + " |")
     out.append("")
-    out += ["## Cases", "", "| backend | op | dtype | case | status | max_abs_err | tolerance | kernel | reason |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += _declarations(backends)
+    out += ["## Cases", "", "Each case's measured `max_abs_err` beside the tolerance at the worst element "
+            "(`err/tol` <= 1 passes).", "",
+            "| backend | op | dtype | case | status | max_abs_err | tolerance | err/tol | kernel | reason |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for c in report.cases:
         kernel = c.kernel + (" (fallback)" if c.fallback else "")
         out.append(f"| {_md(c.backend)} | {_md(c.op)} | {_md(c.dtype)} | {_md(c.name)} | {c.status} | "
-                   f"{_fmt(c.max_abs_err)} | {_fmt(c.tolerance)} | {_md(kernel)} | {_md(c.reason)} |")
+                   f"{_fmt(c.max_abs_err)} | {_fmt(c.tolerance)} | {_ratio(c)} | {_md(kernel)} | {_md(c.reason)} |")
     out.append("")
     fb = [c for c in report.cases if c.fallback]
     out += ["## Fallbacks", ""]
@@ -258,6 +293,36 @@ def to_markdown(report: Any) -> str:
                 f"{x['fallback']} | {x['cases']} |" for x in report.selections]
         out.append("")
     return "\n".join(out)
+
+
+def _ratio(c: CaseResult) -> str:
+    if c.max_abs_err is None or not c.tolerance:
+        return "-"
+    return _fmt(c.max_abs_err / c.tolerance)
+
+
+def _declarations(backends: Dict[str, Any]) -> List[str]:
+    """What each backend declares: per op, its kernels with provider, priority and capability; and the ops it has
+    no kernel for (served by the core's recorded fallback, errors under ``--strict``)."""
+    out: List[str] = []
+    if not any("kernels" in b for b in backends.values()):
+        return out
+    out += ["## Declared capabilities", ""]
+    for name, b in backends.items():
+        out += [f"### {_md(name)}", "", "| op | kernel | provider | priority | declares |", "|---|---|---|---|---|"]
+        for op, ks in b.get("kernels", {}).items():
+            for k in ks:
+                cap = k.get("capability")
+                cap = ", ".join(f"{x}={v}" for x, v in cap.items()) if isinstance(cap, dict) else str(cap)
+                out.append(f"| {_md(op)} | {_md(k['name'])} | {_md(k['provider'])} | {k['priority']} | {_md(cap)} |")
+        out.append("")
+        missing = b.get("missing_ops", [])
+        if missing:
+            out += [f"No kernel (every call falls back to the core's native implementation; an error with "
+                    f"`--strict`): {', '.join(f'`{_md(m)}`' for m in missing)}.", ""]
+        else:
+            out += ["Every op of the core has at least one kernel.", ""]
+    return out
 
 
 def write_markdown(report: Any, path: str) -> None:

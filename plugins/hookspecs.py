@@ -23,24 +23,70 @@ attributes of the context, never as new hook parameters, so a plugin written for
 Hooks are called once per plugin, each guarded on its own: a plugin whose hook raises or returns something
 that is not what the hook promises is quarantined with the error, and its contributions are dropped as a whole;
 every other plugin still loads.
+
+Versioning (the policy is in docs/writing-a-backend.md, "API versioning"): a plugin built for an older minor of
+the same major keeps loading; a hook or context attribute that a future major removes is first listed in
+:data:`DEPRECATED_HOOKS` / :data:`DEPRECATED_CONTEXT` for at least one release, and a plugin that implements or
+reads it gets a :class:`PluginDeprecationWarning` naming the plugin, the replacement and the removing version
+(also recorded in the registry's warnings, which ``anyaccel backends`` prints).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
 
 import pluggy
 
 from ..core.backend import BackendDef
 from ..core.dispatch import KernelImpl
-from ..core.version import API_VERSION
+from ..core.version import API_VERSION, API_VERSION_MINOR
 
 PROJECT = "anyaccel"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["hookspec", "hookimpl", "PluginContext", "anyaccel_backends", "anyaccel_kernels"]
+__all__ = ["hookspec", "hookimpl", "PluginContext", "anyaccel_backends", "anyaccel_kernels", "Deprecation",
+           "PluginDeprecationWarning", "DEPRECATED_HOOKS", "DEPRECATED_CONTEXT", "HOOKS"]
+
+#: Every hook of the contract, in the order the manager calls them.
+HOOKS = ("anyaccel_backends", "anyaccel_kernels")
+
+
+class PluginDeprecationWarning(DeprecationWarning):
+    """A plugin uses a hook or a context attribute that a later API major removes."""
+
+
+@dataclass(frozen=True)
+class Deprecation:
+    """One announced removal.
+
+    :param name: the hook or context attribute.
+    :param since: the API version (``"M.m"``) that deprecated it.
+    :param removed_in: the API version that removes it (the next major at the earliest).
+    :param instead: what to use instead: a hook name, or for a context attribute the name of the attribute that
+        replaces it (reading the old name then returns the new attribute's value).
+    :param default: for a context attribute with no replacement, the value reading it returns until removal.
+    """
+
+    name: str
+    since: str
+    removed_in: str
+    instead: Optional[str] = None
+    default: Any = None
+
+    def message(self, kind: str, plugin: str) -> str:
+        use = f"; use {self.instead!r} instead" if self.instead else ""
+        return (f"plugin '{plugin}' uses {kind} {self.name!r}, deprecated since plugin API {self.since} and "
+                f"removed in API {self.removed_in}{use}")
+
+
+#: Hooks announced for removal: hook name -> :class:`Deprecation`. Empty in API 1.1 (nothing is deprecated yet).
+DEPRECATED_HOOKS: Dict[str, Deprecation] = {}
+#: Context attributes announced for removal: attribute name -> :class:`Deprecation`. A renamed attribute stays
+#: readable under its old name (with a warning) until the removing major. Empty in API 1.1.
+DEPRECATED_CONTEXT: Dict[str, Deprecation] = {}
 
 
 @dataclass(frozen=True)
@@ -51,13 +97,30 @@ class PluginContext:
     :param backends: names of the backends declared so far (available to ``anyaccel_kernels``, so a kernel
         provider can tell whether the backend it extends is present).
     :param env: the ``ANYACCEL_*`` environment variables in effect.
+    :param api_minor: the core's plugin API minor (:data:`anyaccel.core.version.API_VERSION_MINOR`); a plugin
+        that uses something added in a later minor can test ``(ctx.api_version, ctx.api_minor)``.
+        *versionadded: API 1.1*
+    :param plugin: the entry-point name of the plugin this context is handed to. *versionadded: API 1.1*
 
-    .. versionadded:: 0.1
+    Reading an attribute listed in :data:`DEPRECATED_CONTEXT` warns (:class:`PluginDeprecationWarning`) and
+    returns its replacement's value; reading any other unknown attribute raises ``AttributeError``.
+
+    .. versionadded:: API 1.0
     """
 
     api_version: int = API_VERSION
     backends: Sequence[str] = ()
     env: Dict[str, str] = field(default_factory=dict)
+    api_minor: int = API_VERSION_MINOR
+    plugin: str = ""
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not attributes
+        dep = DEPRECATED_CONTEXT.get(name)
+        if dep is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (this anyaccel speaks plugin "
+                                 f"API {API_VERSION}.{API_VERSION_MINOR})")
+        warnings.warn(dep.message("context attribute", self.plugin or "?"), PluginDeprecationWarning, stacklevel=2)
+        return getattr(self, dep.instead) if dep.instead else dep.default
 
 
 @hookspec
@@ -71,7 +134,7 @@ def anyaccel_backends(ctx: PluginContext) -> List[BackendDef]:
     Result rule: every plugin's list is collected (no short-circuit). ``detect`` is not called here; the
     manager calls it afterwards, guarded, and records the reason a backend is unavailable.
 
-    .. versionadded:: 0.1
+    .. versionadded:: API 1.0
     """
 
 
@@ -88,5 +151,5 @@ def anyaccel_kernels(ctx: PluginContext) -> List[KernelImpl]:
     priority, never by registration order; two supported candidates with equal priority are a reported conflict.
     The plugin manager stamps each kernel's ``provider`` with the distribution that supplied it.
 
-    .. versionadded:: 0.1
+    .. versionadded:: API 1.0
     """

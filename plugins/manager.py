@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,15 +18,15 @@ import pluggy
 from ..core.backend import KV_LAYOUTS, Backend, BackendDef
 from ..core.dispatch import KernelImpl
 from ..core.errors import PluginError, UnsupportedError
-from ..core.version import API_VERSION
+from ..core.version import API_VERSION, API_VERSION_MINOR, API_VERSION_STRING
 from . import hookspecs
-from .hookspecs import PROJECT, PluginContext
+from .hookspecs import HOOKS, PROJECT, PluginContext, PluginDeprecationWarning
 
 __all__ = ["ENTRY_POINT_GROUP", "Quarantined", "PluginInfo", "Registry", "discover", "get_registry",
            "reset_registry", "parse_api_version"]
 
 ENTRY_POINT_GROUP = "anyaccel.plugins"
-_HOOKS = ("anyaccel_backends", "anyaccel_kernels")
+_HOOKS = HOOKS
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,20 @@ class _Loader:
                                    f"was built for; this anyaccel speaks {API_VERSION})", package, version)
             return None
         try:
-            major, _minor = parse_api_version(declared)
+            major, minor = parse_api_version(declared)
         except ValueError as e:
             self._quarantine(name, f"ANYACCEL_API_VERSION is malformed: {e}", package, version)
             return None
         if major != API_VERSION:
             self._quarantine(name, f"built for plugin API version {declared}, but this anyaccel speaks API "
-                                   f"version {API_VERSION}; install a release of the plugin built for "
-                                   f"API {API_VERSION}", package, version)
+                                   f"version {API_VERSION_STRING} (major {API_VERSION}); install a release of the "
+                                   f"plugin built for API {API_VERSION}.x", package, version)
             return None
+        if minor > API_VERSION_MINOR:
+            self.reg.warnings.append(
+                f"plugin '{name}' ({package} {version}".rstrip() + f") was built for plugin API {major}.{minor}, "
+                f"newer than this anyaccel's {API_VERSION_STRING}: it loads, but what it uses from API "
+                f"{major}.{minor} may be missing; upgrade anyaccel")
         try:
             self.pm.register(plugin, name=name)
         except Exception as e:  # pluggy rejects bad hookimpl signatures here
@@ -142,7 +148,17 @@ class _Loader:
             self._quarantine(name, f"implements unknown hook(s) {', '.join(unknown)}; known hooks: "
                                    f"{', '.join(_HOOKS)}", package, version)
             return None
+        for hc in self.pm.get_hookcallers(plugin) or []:
+            dep = hookspecs.DEPRECATED_HOOKS.get(hc.name)
+            if dep is not None:
+                self._deprecated(dep.message("hook", name))
         return PluginInfo(name, package, version, declared)
+
+    def _deprecated(self, message: str) -> None:
+        """Warn about a plugin's use of something deprecated, once, and keep it for ``anyaccel backends``."""
+        if message not in self.reg.warnings:
+            self.reg.warnings.append(message)
+            warnings.warn(message, PluginDeprecationWarning, stacklevel=4)
 
     def _quarantine(self, name: str, error: str, package: str = "", version: str = "") -> None:
         self.reg.quarantined.append(Quarantined(name, error, package, version))
@@ -153,7 +169,15 @@ class _Loader:
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if impl.plugin is not plugin:
                 continue
-            result = impl.function(ctx=ctx) if "ctx" in impl.argnames else impl.function()
+            ctx = replace(ctx, plugin=info.name)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PluginDeprecationWarning)
+                result = impl.function(ctx=ctx) if "ctx" in impl.argnames else impl.function()
+            for w in caught:
+                if issubclass(w.category, PluginDeprecationWarning):
+                    self._deprecated(str(w.message))
+                else:  # not ours: hand it back to the caller's filters unchanged
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
             if result is None:
                 continue
             if not isinstance(result, (list, tuple)):

@@ -162,3 +162,33 @@ def test_dtype_aliases(text, expected):
 def test_bad_dtype_raises_cli_error():
     with pytest.raises(CliError, match="expected one of float32, float16, bfloat16"):
         parse_dtype("int3")
+
+
+def test_explain_and_backends_name_the_kernel_provider_that_overrides(monkeypatch, capsys):
+    import torch
+
+    from anyaccel import cli
+    from anyaccel.backends.cpu.gemm import KERNELS
+    from anyaccel.core import Backend, BackendDef, GemmCapability, KernelImpl
+
+    own = KernelImpl(op="gemm", backend="own", name="own.gemm", build=KERNELS[0].build, priority=10,
+                     capability=GemmCapability(), provider="own-pkg")
+    fast = KernelImpl(op="gemm", backend="own", name="turbo.gemm", build=KERNELS[0].build, priority=30,
+                      capability=GemmCapability(dtypes=frozenset({torch.bfloat16})), provider="turbo-pkg")
+    b = Backend(BackendDef(name="own", vendor="t", device_type="cpu"), package="own-pkg", version="2.0",
+                kernels=(own, fast))
+    monkeypatch.setattr(cli, "_registry", lambda: _Reg(b))
+    assert cli.main(["explain", "gemm", "--backend", "own", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "backend 'own' is supplied by own-pkg 2.0" in out
+    assert "kernel provider turbo-pkg overrides own.gemm (higher declared priority)" in out
+    assert cli.main(["explain", "gemm", "--backend", "own", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: own.gemm" in out and "kernel provider" not in out
+    data = cli.backends_json()["backends"][0]
+    assert data["kernel_providers"] == [{"package": "turbo-pkg", "version": "", "kernels": ["turbo.gemm"],
+                                         "overrides": ["own.gemm"]}]
+    assert [k["overrides"] for k in data["ops"]["gemm"]] == [["own.gemm"], []]
+    assert cli.main(["backends"]) == 0
+    table = capsys.readouterr().out
+    assert "kernel providers" in table and "turbo-pkg" in table

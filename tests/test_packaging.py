@@ -16,7 +16,7 @@ def test_every_python_package_in_the_tree_is_listed_for_installation():
     found = {"anyaccel"}
     for init in ROOT.rglob("__init__.py"):
         rel = init.parent.relative_to(ROOT)
-        if not rel.parts or rel.parts[0] in ("tests", "docs", "build", "plugins_examples") or any(
+        if not rel.parts or rel.parts[0] in ("tests", "docs", "build", "examples") or any(
                 p.startswith(".") or p.endswith(".egg-info") for p in rel.parts):
             continue
         found.add(".".join(("anyaccel", *rel.parts)))
