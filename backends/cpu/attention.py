@@ -37,7 +37,7 @@ _MAX_GATHER = 1 << 26  # elements of one gathered K (or V) buffer before heads a
 _CHUNK_TOKENS = 512
 _CHUNK_BYTES = 16 << 20
 # Decode runs on one intra-op thread unless ANYACCEL_CPU_DECODE_THREADS says otherwise ("all" = torch's setting).
-_DECODE_THREADS = os.environ.get("ANYACCEL_CPU_DECODE_THREADS", "1").strip().lower()
+_DECODE_THREADS = os.environ.get("ANYACCEL_CPU_DECODE_THREADS", "all").strip().lower()
 # SDPA's CPU flash kernel, which also returns the log-sum-exp needed to merge chunks (private; optional).
 _SDPA_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -146,6 +146,62 @@ def _decode_batch(meta, spec: AttentionSpec, plans: List[_Plan], c: int) -> _Dec
     return out
 
 
+class _TileBatch:
+    """Decode in *cache order*: when the decode sequences' blocks are distinct and fill most of the block range
+    they span (the common case for a block allocator), attention runs over the (block, kv head) tiles of that
+    range where they lie, with no gather of K or V: each tile is scored against the query of the sequence that
+    owns it (``[tiles, G, D] x [tiles, D, P]``, the small query side is gathered instead), a per-sequence softmax
+    is reduced with scatter operations, and ``P @ V`` tile outputs are summed per sequence with ``index_add_``.
+    K and V are each read once, sequentially. Unused blocks inside the range cost their reads and are masked."""
+
+    __slots__ = ("lo", "hi", "tokens", "q_rows", "owner_rows", "valid", "num")
+
+    def __init__(self) -> None:
+        self.lo = self.hi = 0
+        self.tokens = None      # [S] token index of each decode sequence's query
+        self.q_rows = None      # [span * Hkv] row of q viewed [T * Hkv, G, D] for each tile (0 for unused tiles)
+        self.owner_rows = None  # [span * Hkv] accumulator row (seq * Hkv + h); unused tiles go to a spare row
+        self.valid = None       # [span, 1, 1, P] bool: the slot is a key position of the tile's owner
+        self.num = 0
+
+
+_TILE_MIN_DENSITY = 0.5
+
+
+def _tile_batch(meta, spec: AttentionSpec, dec: List["_Plan"]) -> "_TileBatch | None":
+    if spec.kv_layout != "HND" or not dec:
+        return None
+    P, hkv = meta.block_size, spec.num_kv_heads
+    owners, firsts, blocks = [], [], []
+    for i, p in enumerate(dec):
+        b0 = p.k_lo // P
+        owners.append(torch.full((p.blocks.numel(),), i, dtype=torch.long))
+        firsts.append((torch.arange(p.blocks.numel()) + b0) * P)  # absolute position of each block's slot 0
+        blocks.append(p.blocks)
+    blk = torch.cat(blocks)
+    lo, hi = int(blk.min()), int(blk.max()) + 1
+    span = hi - lo
+    if blk.numel() < _TILE_MIN_DENSITY * span or torch.unique(blk).numel() != blk.numel():
+        return None  # sparse or shared blocks: the gathering path serves them
+    S = len(dec)
+    owner = torch.full((span,), S, dtype=torch.long)   # S = the spare accumulator row
+    first = torch.zeros(span, dtype=torch.long)
+    owner[blk - lo] = torch.cat(owners)
+    first[blk - lo] = torch.cat(firsts)
+    k_lo = torch.tensor([p.k_lo for p in dec] + [0])
+    end = torch.tensor([p.ctx0 + 1 for p in dec] + [0])  # one past the last key position
+    pos = first.unsqueeze(1) + torch.arange(P)  # [span, P]
+    valid = (pos >= k_lo[owner].unsqueeze(1)) & (pos < end[owner].unsqueeze(1))
+    tb = _TileBatch()
+    tb.lo, tb.hi, tb.num = lo, hi, S
+    tb.tokens = torch.tensor([p.start for p in dec] + [0], dtype=torch.long)
+    heads = torch.arange(hkv)
+    tb.q_rows = (tb.tokens[owner].unsqueeze(1) * hkv + heads).reshape(-1)
+    tb.owner_rows = (owner.unsqueeze(1) * hkv + heads).reshape(-1)
+    tb.valid = valid.view(span, 1, 1, P)
+    return tb
+
+
 def _plan_key(spec: AttentionSpec) -> tuple:
     return (_SCRATCH, spec.kv_layout, spec.num_kv_heads, spec.num_heads, spec.sliding_window, spec.causal,
             spec.head_size, spec.cache_dtype)
@@ -155,6 +211,7 @@ class _Plans(list):
     """The batch's per-sequence plans, plus ``decode``: its decode sequences as one :class:`_DecodeBatch`."""
 
     decode = None
+    tiles = None
 
 
 def _plans(meta, spec: AttentionSpec) -> _Plans:
@@ -204,7 +261,9 @@ def _plans(meta, spec: AttentionSpec) -> _Plans:
             plan.mask = allowed
         plans.append(plan)
     if num_decode:
-        plans.decode = _decode_batch(meta, spec, plans, c)
+        plans.tiles = _tile_batch(meta, spec, [p for p in plans if p.q_len == 1])
+        if plans.tiles is None:
+            plans.decode = _decode_batch(meta, spec, plans, c)
     meta.scratch[key] = plans
     return plans
 
@@ -286,6 +345,36 @@ def _build(spec: AttentionSpec):
         else:
             out_THD.index_copy_(0, batch.tokens, o_SHD.to(dt))
 
+    def decode_tiles(q_THD, k_cache, v_cache, tb: _TileBatch, out_THD):
+        """Decode over the cache's tiles in place (see :class:`_TileBatch`)."""
+        S, P = tb.num, k_cache.shape[2]
+        span = tb.hi - tb.lo
+        k_TPD = k_cache[tb.lo:tb.hi].view(span * hkv, P, d)  # tiles (block, kv head), a view: no copy
+        v_TPD = v_cache[tb.lo:tb.hi].view(span * hkv, P, d)
+        if cdt != dt:
+            k_TPD, v_TPD = k_TPD.to(dt), v_TPD.to(dt)
+        q_TGD = q_THD.view(-1, g, d).index_select(0, tb.q_rows)  # each tile's owner's query group
+        s_TGP = torch.bmm(q_TGD, k_TPD.transpose(1, 2))
+        s_TGP = s_TGP.float() if dt != torch.float32 else s_TGP
+        if cap is None:
+            s_TGP.mul_(scale)
+        else:
+            s_TGP.mul_(scale / cap).tanh_().mul_(cap)
+        s4 = s_TGP.view(span, hkv, g, P).masked_fill_(~tb.valid, float("-inf"))
+        # softmax over each (sequence, kv head, query head)'s tiles: max and sum reduced by owner
+        rows = tb.owner_rows
+        m_TG = s_TGP.amax(dim=2)  # [tiles, G]
+        m_RG = torch.full(((S + 1) * hkv, g), float("-inf")).scatter_reduce_(
+            0, rows.unsqueeze(1).expand(-1, g), m_TG, "amax")
+        m_RG.nan_to_num_(neginf=0.0)
+        s_TGP.sub_(m_RG.index_select(0, rows).unsqueeze(2)).exp_()
+        den_RG = torch.zeros((S + 1) * hkv, g).index_add_(0, rows, s_TGP.sum(dim=2))
+        p_TGP = s_TGP if dt == torch.float32 else s_TGP.to(dt)
+        o_TGD = torch.bmm(p_TGP, v_TPD)
+        acc_RGD = torch.zeros((S + 1) * hkv, g, d).index_add_(0, rows, o_TGD.float() if dt != torch.float32 else o_TGD)
+        acc_RGD.div_(den_RG.unsqueeze(2))
+        out_THD.index_copy_(0, tb.tokens[:S], acc_RGD[:S * hkv].view(S, hq, d).to(dt))
+
     def prefill(q_THD, k_rows, v_rows, plan, out_THD):
         L, t0, n = plan.L, plan.start, plan.q_len
         # Query heads are processed in groups of whole kv heads so the gathered buffers stay bounded.
@@ -294,19 +383,17 @@ def _build(spec: AttentionSpec):
             h1 = min(hkv, h0 + kv_per_group)
             nh = (h1 - h0) * g
             rows = plan.rows_q[h0 * g * L:h1 * g * L]
-            # The memory-bound gathers and copies run on one thread (no barrier that stalls on a busy machine).
-            with _threads(1):
-                k = gather(k_rows, rows, "k", nh, L)
-                v = gather(v_rows, rows, "v", nh, L)
-                # SDPA's CPU kernel is markedly slower on a strided query: pay for one small copy instead.
-                q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
+            # No thread-count switching here: resizing the intra-op pool costs more than these copies.
+            k = gather(k_rows, rows, "k", nh, L)
+            v = gather(v_rows, rows, "v", nh, L)
+            # SDPA's CPU kernel is slower on a strided query: pay for one small copy instead.
+            q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
             if cap is None:
                 if plan.causal_square:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, is_causal=True, scale=scale)
                 else:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, attn_mask=plan.mask, scale=scale)
-                with _threads(1):
-                    out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
+                out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
             else:
                 capped(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
 
@@ -333,6 +420,9 @@ def _build(spec: AttentionSpec):
         for plan in plans:
             if plan.q_len > 1:
                 prefill(q_THD, k_rows, v_rows, plan, out_THD)
+        if plans.tiles is not None:
+            with _threads(int(_DECODE_THREADS) if _DECODE_THREADS.isdigit() else 0):
+                decode_tiles(q_THD, k_cache, v_cache, plans.tiles, out_THD)
         batch = plans.decode
         if batch is not None:
             with _threads(int(_DECODE_THREADS) if _DECODE_THREADS.isdigit() else 0):

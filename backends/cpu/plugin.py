@@ -24,7 +24,7 @@ def _describe() -> dict:
 @hookimpl
 def anyaccel_backends(ctx):
     return [BackendDef(name="cpu", vendor="anyaccel", device_type="cpu", kv_cache_layout="HND",
-                       distributed_backend="gloo", block_sizes=(16, 32, 64, 128),
+                       distributed_backend="gloo", block_sizes=(128, 64, 32, 16),
                        description="torch CPU kernels (oneDNN/MKL, SDPA) and gloo collectives",
                        describe=_describe)]
 

@@ -137,3 +137,45 @@ def test_long_decode_is_chunked_and_exact(make_backend, monkeypatch, layout, dty
     plans = next(iter(inp["meta"].scratch.values()))
     assert plans[0].chunks is not None and len(plans[0].chunks) > 1
     assert cpu_attention._SDPA_LSE is not None
+
+
+def _decode_paths(spec, meta):
+    from anyaccel.backends.cpu.attention import _plans
+
+    plans = _plans(meta, spec)
+    return plans.tiles is not None, plans.decode is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("kw", [dict(), dict(soft_cap=5.0), dict(sliding_window=37)], ids=["plain", "softcap", "window"])
+@pytest.mark.parametrize("layout_extra", [("HND", 2, True), ("HND", 60, False), ("NHD", 2, False)],
+                         ids=["HND-dense-tiles", "HND-sparse-gather", "NHD-gather"])
+def test_decode_in_cache_order_and_by_gather_agree_with_reference(make_backend, dtype, kw, layout_extra):
+    layout, extra, tiles = layout_extra
+    be = make_backend(KERNELS, layout=layout, block_sizes=(8,))
+    spec = AttentionSpec(8, 2, 24, dtype, block_size=8, kv_layout=layout, **kw)
+    seqs = [(1, 70), (1, 9), (3, 20), (1, 1), (1, 33)]  # decode sequences around one chunked prefill
+    b = make_batch(spec, seqs, torch.device("cpu"), seed=3, extra_blocks=extra)
+    assert _decode_paths(spec, b["meta"]) == (tiles, not tiles)
+    op = Attention.build(spec, be, strict=True)
+    out = torch.full_like(b["q"], float("nan"))
+    op(b["q"], b["k_cache"], b["v_cache"], b["meta"], out=out)
+    ref = attention_reference(b["q"], b["k_cache"], b["v_cache"], b["meta"], spec)
+    atol, rtol = tolerance("attention", dtype, 70)
+    c = compare((out,), (ref,), atol, rtol)
+    assert c.passed, c.reason
+
+
+def test_decode_with_shared_blocks_takes_the_gather_path(make_backend):
+    be = make_backend(KERNELS, layout="HND", block_sizes=(8,))
+    spec = AttentionSpec(4, 2, 16, torch.float32, block_size=8, kv_layout="HND")
+    b = make_batch(spec, [(1, 16), (1, 16)], torch.device("cpu"), seed=1, extra_blocks=0)
+    from anyaccel.core.attention import AttentionMetadata
+
+    table = b["meta"].block_table.clone()
+    table[1, 0] = table[0, 0]  # the second sequence shares its first block with the first (a shared prefix)
+    meta = AttentionMetadata.build(b["meta"].query_start_loc, b["meta"].seq_lens, table, 8)
+    assert _decode_paths(spec, meta) == (False, True)
+    out = Attention.build(spec, be, strict=True)(b["q"], b["k_cache"], b["v_cache"], meta)
+    ref = attention_reference(b["q"], b["k_cache"], b["v_cache"], meta, spec)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
