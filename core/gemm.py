@@ -132,9 +132,8 @@ class Gemm(Op):
             xs = x.shape
             ws = weight.shape
             dev = x.device
-            ok = (x.dtype == dt and weight.dtype == dt and len(ws) == 2 and xs[-1] == ws[1]
-                  and dev == weight.device and (self._k is None or ws[1] == self._k)
-                  and (self._n is None or ws[0] == self._n))
+            ok = (x.dtype == dt and weight.dtype == dt and len(ws) == 2 and xs[-1] == ws[1] and dev == weight.device
+                  and (self._k is None or ws[1] == self._k) and (self._n is None or ws[0] == self._n))
         except (AttributeError, IndexError):
             ok = False
         if not ok:
@@ -151,10 +150,21 @@ class Gemm(Op):
             raise InvalidArgumentError("gemm", "bias", "a tensor [N] (spec.has_bias is True)", "None")
         if out is None:
             if len(xs) == 2:
-                out = torch.empty((xs[0], n), dtype=self._out_dt, device=x.device)
+                out = torch.empty((xs[0], n), dtype=self._out_dt, device=dev)
                 self.kernel(x, weight, bias, out)
                 return out
-            out = torch.empty((*xs[:-1], n), dtype=self._out_dt, device=x.device)
+            out = torch.empty((*xs[:-1], n), dtype=self._out_dt, device=dev)
+        elif len(xs) == 2:  # the common case, checked without building tuples
+            try:
+                os_ = out.shape
+                ok = (len(os_) == 2 and os_[0] == xs[0] and os_[1] == n and out.dtype == self._out_dt
+                      and out.device == dev and out.is_contiguous())
+            except AttributeError:
+                ok = False
+            if not ok:
+                self._fail_out(xs, out, n, dev)
+            self.kernel(x, weight, bias, out)
+            return out
         else:
             try:
                 os_ = out.shape
@@ -163,13 +173,16 @@ class Gemm(Op):
             except (AttributeError, IndexError):
                 ok = False
             if not ok:
-                check_tensor("gemm", "out", out, shape=(*xs[:-1], n), dtypes=(self._out_dt,), device=x.device)
-                raise InvalidArgumentError("gemm", "out", "a contiguous tensor", "a strided view")
+                self._fail_out(xs, out, n, dev)
         if len(xs) == 2:
             self.kernel(x, weight, bias, out)
         else:
             self.kernel(x.reshape(-1, xs[-1]), weight, bias, out.view(-1, n))
         return out
+
+    def _fail_out(self, xs: torch.Size, out: object, n: int, dev: torch.device) -> None:
+        check_tensor("gemm", "out", out, shape=(*xs[:-1], n), dtypes=(self._out_dt,), device=dev)
+        raise InvalidArgumentError("gemm", "out", "a contiguous tensor", "a strided view")
 
     def _fail_bias(self, x: torch.Tensor, weight: torch.Tensor, bias: object) -> None:
         if not self.spec.has_bias:
