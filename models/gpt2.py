@@ -55,8 +55,9 @@ class GPT2LMHeadModel(Model):
                        for i in range(c.num_layers)]
         self.blocks = [_Block(i, self) for i in range(c.num_layers)]
         self.ln_f = LayerNormLayer("ln_f", c.hidden_size, c.norm_eps, backend, dtype, strict)
-        self.lm_head = Linear("lm_head", c.hidden_size, c.vocab_size, False, backend, dtype, strict,
-                              out_dtype=torch.float32)
+        # In the model dtype, then upcast (as transformers does): a float32-output GEMM from half inputs has no
+        # fast CPU path, and the logits' rounding is far inside the model tolerance.
+        self.lm_head = Linear("lm_head", c.hidden_size, c.vocab_size, False, backend, dtype, strict)
 
     @classmethod
     def parse_config(cls, d: Dict[str, Any], architecture: str) -> ModelConfig:
@@ -112,4 +113,4 @@ class GPT2LMHeadModel(Model):
         return self.ln_f(h_TH)
 
     def compute_logits(self, hidden_TH: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_TH)
+        return self.lm_head(hidden_TH).float()

@@ -97,8 +97,9 @@ class DecoderForCausalLM(Model):
                                       c.rope_theta, c.rope_scaling, backend, dtype, strict)
         self.layers = [DecoderLayer(i, self) for i in range(c.num_layers)]
         self.final_norm = RMSNormLayer("final_norm", c.hidden_size, c.norm_eps, backend, dtype, strict)
-        self.lm_head = Linear("lm_head", c.hidden_size, c.vocab_size, False, backend, dtype, strict,
-                              out_dtype=torch.float32)
+        # In the model dtype, then upcast (as transformers does): a float32-output GEMM from half inputs has no
+        # fast CPU path, and the logits' rounding is far inside the model tolerance.
+        self.lm_head = Linear("lm_head", c.hidden_size, c.vocab_size, False, backend, dtype, strict)
         self.embed_multiplier = embed_scale(c.hidden_size, dtype).to(self.device) if c.embed_scale else None
         self.embed: Optional[torch.Tensor] = None  # [V, H]
 
@@ -242,8 +243,8 @@ class DecoderForCausalLM(Model):
         return out_TH
 
     def compute_logits(self, hidden_TH: torch.Tensor) -> torch.Tensor:
-        """Logits [T, V] in float32 (the LM head accumulates into float32; a final soft-cap if the family has one)."""
-        return soft_cap(self.lm_head(hidden_TH), self.config.final_soft_cap)
+        """Logits [T, V] in float32 (a final soft-cap if the family has one)."""
+        return soft_cap(self.lm_head(hidden_TH).float(), self.config.final_soft_cap)
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
