@@ -32,6 +32,8 @@ GREEDY_TOKENS = 32
 MIN_COSINE = 0.999
 NEAR_TIE_TOP_K = 5
 REAL_MODEL_NAMES = ("smollm2", "minilm")
+#: Parameter counts, for backends that declare a model-size limit (``BackendDef.max_model_parameters``).
+REAL_MODEL_PARAMETERS = {"smollm2": 134_515_008, "minilm": 22_713_728}
 SMOLLM2_QUESTION = "What is the capital of France?"
 #: The chat-templated question's ids (SmolLM2's tokenizer + its GGUF chat template; the slow tests re-derive
 #: them with the tokenizer, so building the tokenizer — ~10 s — is not needed for conformance).
@@ -225,6 +227,10 @@ def run_real_models(backend: Any, dtypes: Sequence[Any] = (torch.float32, torch.
     out: List[CaseResult] = []
     for n in names:
         ck, why = _locate(n)
+        limit = getattr(getattr(backend, "definition", None), "max_model_parameters", None)
+        if ck is not None and limit is not None and REAL_MODEL_PARAMETERS[n] > limit:
+            ck, why = None, (f"backend '{backend.name}' declares max_model_parameters={limit:,}; {n} has "
+                             f"{REAL_MODEL_PARAMETERS[n]:,} parameters")
         for dt in dtypes:
             dt = parse_dtype(dt)
             if ck is None:

@@ -33,8 +33,13 @@ class BackendDef:
     :param kv_cache_layout: one of :data:`KV_LAYOUTS`.
     :param distributed_backend: the torch.distributed backend name its Communicator uses (``"gloo"``...).
     :param block_sizes: KV-cache block sizes this backend's attention accepts, preferred first.
-    :param properties: free-form facts for reports (tuning chosen, device name, ...), computed by ``detect``'s
-        sibling ``describe`` if given.
+    :param describe: ``describe() -> dict`` of facts for reports (tuning chosen, device name, ...), called once
+        when the backend is available.
+    :param max_model_parameters: the largest model (in parameters) this backend is meant to run, or ``None`` for
+        no declared limit. A slow tier (an interpreter, a simulator) declares one; the conformance suite then
+        reports larger models as unsupported with that reason instead of running them for hours.
+
+    .. versionadded:: 1.1 ``max_model_parameters``
     """
 
     name: str
@@ -46,6 +51,7 @@ class BackendDef:
     block_sizes: Tuple[int, ...] = (16,)
     description: str = ""
     describe: Optional[Callable[[], Dict[str, object]]] = None
+    max_model_parameters: Optional[int] = None
 
 
 @dataclass(frozen=True)

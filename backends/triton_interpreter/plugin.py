@@ -58,6 +58,8 @@ def _describe() -> dict:
 def anyaccel_backends(ctx):
     return [BackendDef(name=NAME, vendor="anyaccel", device_type="cpu", kv_cache_layout="NHD",
                        distributed_backend="gloo", block_sizes=(16, 32, 64), detect=detect, describe=_describe,
+                       # interpreted kernels take minutes per token of a 100M-parameter model: tiny models only
+                       max_model_parameters=5_000_000,
                        description="the cuda/rocm Triton kernels run on CPU tensors by Triton's interpreter "
                                    "(conformance of GPU kernel code without a GPU; slow, smaller limits)")]
 

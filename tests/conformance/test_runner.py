@@ -222,3 +222,13 @@ def test_models_family_is_delegated_filtered_and_guarded(monkeypatch):
     rep = runner.run([b], families=["models"], dtypes=(F32,))
     assert rep.cases[0].status == "error" and "transformers missing" in rep.cases[0].reason
     assert rep.cases[1].status == "unsupported"  # the real-checkpoint source still ran
+
+
+def test_real_checkpoints_respect_a_declared_model_size_limit():
+    from anyaccel.conformance.real_models import run_real_models
+    from anyaccel.core import Backend, BackendDef
+
+    slow = Backend.local(BackendDef("slowtier", "tests", "cpu", max_model_parameters=1_000_000), [])
+    recs = run_real_models(slow, (F32,))
+    assert [r.status for r in recs] == ["unsupported", "unsupported"]
+    assert all("max_model_parameters=1,000,000" in r.reason or "not installed" in r.reason for r in recs)
