@@ -1,7 +1,11 @@
 """cpu attention: gather each sequence's K/V rows from the paged cache into reusable head-major buffers with one
 ``index_select`` per tensor, then run torch's SDPA (oneDNN/flash CPU kernel) on them.
 
-- decode (q_len == 1): every decode sequence of the batch at once, by block *columns*: for a chunk of block
+- decode (q_len == 1), in cache order (:class:`_TileBatch`): with the HND layout, when the decode sequences'
+  blocks are distinct and fill at least half of the block range they span, the (block, kv head) tiles are
+  scored where they lie (the small query side is gathered instead of K), the softmax is reduced per sequence with
+  scatter operations and ``P @ V`` tile outputs are summed per sequence: K and V are read once, sequentially;
+- decode otherwise (shared blocks, a sparse range, the NHD layout): every decode sequence at once, by block *columns*: for a chunk of block
   columns one ``index_select`` gathers the (block, kv head) tiles of every sequence into a buffer small enough to be
   re-read from cache, and one ``bmm`` scores all sequences and kv heads (``[S*Hkv, G, D] x [S*Hkv, D, c*P]``); one
   masked softmax over all scores (positions past a sequence's end or before its window are -inf), then a second
