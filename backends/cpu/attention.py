@@ -5,13 +5,15 @@
   blocks are distinct and fill at least half of the block range they span, the (block, kv head) tiles are
   scored where they lie (the small query side is gathered instead of K), the softmax is reduced per sequence with
   scatter operations and ``P @ V`` tile outputs are summed per sequence: K and V are read once, sequentially;
-- decode otherwise (shared blocks, a sparse range, the NHD layout): every decode sequence at once, by block *columns*: for a chunk of block
+- decode otherwise (shared blocks, a sparse range, the NHD layout): every decode sequence at once, by block
+  *columns*: for a chunk of block
   columns one ``index_select`` gathers the (block, kv head) tiles of every sequence into a buffer small enough to be
   re-read from cache, and one ``bmm`` scores all sequences and kv heads (``[S*Hkv, G, D] x [S*Hkv, D, c*P]``); one
   masked softmax over all scores (positions past a sequence's end or before its window are -inf), then a second
   pass gathers V per column chunk and accumulates ``P @ V``. About ``2 * ctx / chunk`` large ops per call instead
-  of hundreds of small ones, run on one intra-op thread (each op of a multi-threaded run ends in a barrier that
-  costs a scheduler time slice whenever another process holds a core);
+  of hundreds of small ones. Decode uses torch's thread count; ``ANYACCEL_CPU_DECODE_THREADS=1`` runs it on one
+  thread, which wins on a machine where other processes hold the cores (each op of a multi-threaded run ends in
+  a barrier that then waits a scheduler time slice);
 - prefill: K/V rows are gathered once per *query* head (GQA expanded by the gather itself) and SDPA runs with
   ``is_causal`` when queries and keys line up, else with a bottom-right-aligned boolean mask (chunked prefill,
   sliding window);
