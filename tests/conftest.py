@@ -1,7 +1,12 @@
 """Fixtures shared by the project's tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# tests build tiny models from configs and never reach a model hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -15,3 +20,26 @@ def make_backend():
                                         block_sizes=tuple(block_sizes)), list(kernels))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cpu_backend():
+    """The cpu backend as discovered through the entry points."""
+    from anyaccel.plugins.manager import get_registry
+
+    return get_registry().get("cpu")
+
+
+@pytest.fixture(scope="session")
+def reference_models():
+    """Built-in tiny transformers models, built once per session (name -> model)."""
+    from anyaccel.conformance.models import TINY_CONFIGS, make_reference
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = make_reference(TINY_CONFIGS[name], seed=0)
+        return cache[name]
+
+    return get

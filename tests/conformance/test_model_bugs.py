@@ -17,21 +17,13 @@ from anyaccel.models.loading import iter_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def backend():
-    from anyaccel.plugins.manager import get_registry
-
-    return get_registry().get("cpu")
+def backend(cpu_backend):
+    return cpu_backend
 
 
 @pytest.fixture(scope="module")
-def refs():
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = make_reference(TINY_CONFIGS[name], seed=0)
-        return cache[name]
-    return get
+def refs(reference_models):
+    return reference_models
 
 
 def _status(recs, check):
