@@ -494,6 +494,10 @@ class _PagedOp(Op):
 
     __slots__ = ("_dt", "_cdt", "_hq", "_hkv", "_d", "_p", "_cache_tail")
 
+    @classmethod
+    def check_spec(cls, spec: AttentionSpec) -> None:
+        _check_attention_spec(cls.name, spec)
+
     def __init__(self, spec: AttentionSpec, kernel: Callable, selection=None) -> None:
         super().__init__(spec, kernel, selection)
         self._dt = spec.dtype
@@ -538,10 +542,6 @@ class Attention(_PagedOp):
     name = "attention"
     spec_type = AttentionSpec
     __slots__ = ()
-
-    @classmethod
-    def check_spec(cls, spec: AttentionSpec) -> None:
-        _check_attention_spec(cls.name, spec)
 
     @classmethod
     def native(cls, spec: AttentionSpec) -> Callable:
@@ -601,10 +601,6 @@ class ReshapeAndCache(_PagedOp):
     name = "reshape_and_cache"
     spec_type = AttentionSpec
     __slots__ = ()
-
-    @classmethod
-    def check_spec(cls, spec: AttentionSpec) -> None:
-        _check_attention_spec(cls.name, spec)
 
     @classmethod
     def native(cls, spec: AttentionSpec) -> Callable:
