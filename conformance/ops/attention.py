@@ -6,22 +6,42 @@ plus ``q_len`` new tokens. Inputs: ``q, K, V ~ N(0, 1)`` (scores of order one at
 sequence's K/V are written into a cache of the backend's layout and first block size, on blocks drawn as a random
 permutation (never contiguous), with every unused cache position filled with a large finite value so a kernel
 that reads past a sequence's context fails loudly. The float64 oracle is
-:func:`~anyaccel.core.attention.attention_reference` on the same (already rounded) values.
+:func:`~anyaccel.core.attention.attention_reference` on the same (already rounded) values; it carries the
+per-element allowance of the error model (:mod:`anyaccel.conformance.tolerances`): the scores and the
+probabilities each rounded once to the dtype, plus fp32 accumulation of both matmuls (:func:`attention_magnitudes`).
+
+Fixed cases: prefill, chunked prefill, decode, mixed batches, GQA/MQA, window, soft-cap, bidirectional, odd head
+sizes; **head-size sentinels** (64, 80, 96, 112, 128, 256: plain causal, no GQA/window/cap, short contexts so an
+interpreter stays cheap), and **uniform** cases (``q = 0``, values small integers: every allowed key gets the same
+weight, so the output is the mean of the visible values and a mask, window, head mapping or block read that is
+off by one moves it far beyond the bound even in bf16).
+
+Drawn cases are taken **within what the backend declares** (three draws in four): the attention kernels'
+capabilities give the head sizes, block sizes, features (window, soft-cap, bidirectional, GQA, custom scale) and
+the largest GQA group, and only those combinations are drawn, so a backend that declines soft-cap still gets
+drawn coverage of everything it claims. One draw in four ignores the claims (checked the other way: a strict
+build must refuse, and the fallback must be right).
 
 KV-write cases poison both caches (NaN), write, and compare only the written slots (tolerance class ``copy``);
 one of them has padding slots (``-1``) that must be skipped.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...core.attention import (Attention, AttentionMetadata, AttentionSpec, ReshapeAndCache, attention_reference,
-                               kv_cache_shape)
+from ...core.attention import (ATTENTION_FEATURES, Attention, AttentionMetadata, AttentionSpec, ReshapeAndCache,
+                               attention_reference, kv_cache_shape)
 from ..cases import OpCase, poison
+from ..tolerances import allowance, with_allowance
 
-__all__ = ["FAMILY", "fixed_cases", "case_strategy", "make_case", "make_write_case", "make_batch", "GARBAGE"]
+__all__ = ["FAMILY", "fixed_cases", "case_strategy", "make_case", "make_write_case", "make_batch", "GARBAGE",
+           "SENTINEL_HEAD_SIZES", "attention_magnitudes"]
+
+#: Head sizes real models use; each gets a plain causal fixed case.
+SENTINEL_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
 
 FAMILY = "attention"
 
@@ -30,11 +50,12 @@ GARBAGE = 57.0
 
 
 def make_batch(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], device: torch.device, seed: int,
-               extra_blocks: int = 3) -> Dict[str, Any]:
+               extra_blocks: int = 3, uniform: bool = False) -> Dict[str, Any]:
     """Random inputs of one attention batch in ``spec``'s layout, deterministic in ``seed``.
 
     Returns ``q [T, Hq, D]``, ``k_cache``, ``v_cache``, ``meta`` and the dense per-sequence ``keys``/``values``
-    (``[L, Hkv, D]`` each, in the cache dtype) that were written into the caches.
+    (``[L, Hkv, D]`` each, in the cache dtype) that were written into the caches. ``uniform``: ``q = 0`` and
+    values are integers in [-8, 8] (every allowed key weighs the same).
     """
     g = torch.Generator().manual_seed(seed)
     P, hq, hkv, d = spec.block_size, spec.num_heads, spec.num_kv_heads, spec.head_size
@@ -56,7 +77,8 @@ def make_batch(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], device: tor
     keys, values = [], []
     for s, (_, L) in enumerate(seqs):
         k = torch.randn(L, hkv, d, generator=g).to(cdt)
-        v = torch.randn(L, hkv, d, generator=g).to(cdt)
+        v = torch.randn(L, hkv, d, generator=g)
+        v = (torch.randint(-8, 9, (L, hkv, d), generator=g).float() if uniform else v).to(cdt)
         keys.append(k)
         values.append(v)
         for pos in range(0, L, P):
@@ -68,6 +90,8 @@ def make_batch(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], device: tor
                 k_cache[blk, :, :n] = k[pos:pos + n].transpose(0, 1)
                 v_cache[blk, :, :n] = v[pos:pos + n].transpose(0, 1)
     q = torch.randn(starts[-1], hq, d, generator=g).to(spec.dtype)
+    if uniform:
+        q.zero_()
     i32 = torch.int32
     meta = AttentionMetadata.build(torch.tensor(starts, dtype=i32, device=device),
                                    torch.tensor(lens, dtype=i32, device=device),
@@ -95,12 +119,62 @@ def _describe(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]]) -> str:
     return " ".join(parts)
 
 
-def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str = "") -> OpCase:
-    """One attention case over the batch ``seqs`` of ``(q_len, seq_len)``."""
+def attention_magnitudes(inp: Dict[str, Any], spec: AttentionSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The error model's magnitudes of every output element, ``(mid_mag, acc_mag)``, each ``[T, Hq, D]``:
+
+    with ``M = sum_j p_j |v_j|`` over the allowed keys,
+
+    * ``mid_mag = (1 + 2 * max_j |s_j|) * M``: the probabilities rounded to the dtype move the output by at most
+      ``u * M``; the scores ``s_j = scale * q . k_j`` rounded to the dtype once (as a GEMM in the dtype returns
+      them: Hugging Face's eager attention, torch's math SDPA, the cpu backend's decode path) move each
+      probability by a factor ``exp(+-u |s_j|)``, hence the output by at most ``2 u max_j |s_j| * M``;
+    * ``acc_mag = (sqrt(L) + 2 sqrt(D) * max_j |scale| |q| . |k_j|) * M``: fp32 accumulation of P.V over the L
+      keys and of Q.K over D (a score error moves the output by at most twice itself times ``M``).
+
+    Computed in float64 from the dense keys and values, with the same mask as the reference.
+    """
+    meta = inp["meta"]
+    q = inp["q"].detach().cpu().double()
+    hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_size
+    heads = torch.arange(hq) // (hq // hkv)
+    scale = spec.softmax_scale
+    mid = torch.zeros_like(q)
+    acc = torch.zeros_like(q)
+    for s in range(meta.num_seqs):
+        q_len, L, start = meta.query_lens_host[s], meta.seq_lens_host[s], meta.query_starts_host[s]
+        if q_len == 0:
+            continue
+        k_LHD = inp["keys"][s].double()[:, heads]              # [L, Hq, D]
+        v_LHD = inp["values"][s].double()[:, heads]
+        q_QHD = q[start:start + q_len]
+        scores_HQL = torch.einsum("qhd,lhd->hql", q_QHD, k_LHD) * scale
+        absdot_HQL = torch.einsum("qhd,lhd->hql", q_QHD.abs(), k_LHD.abs()) * abs(scale)
+        if spec.soft_cap is not None:
+            scores_HQL = spec.soft_cap * torch.tanh(scores_HQL / spec.soft_cap)
+        q_pos = torch.arange(L - q_len, L).unsqueeze(1)
+        k_pos = torch.arange(L).unsqueeze(0)
+        keep = torch.ones(q_len, L, dtype=torch.bool)
+        if spec.causal:
+            keep &= k_pos <= q_pos
+        if spec.sliding_window is not None:
+            keep &= (q_pos - k_pos) < spec.sliding_window
+        p_HQL = torch.softmax(scores_HQL.masked_fill(~keep, float("-inf")), dim=-1)
+        m_QHD = torch.einsum("hql,lhd->qhd", p_HQL, v_LHD.abs())
+        smax_QH1 = absdot_HQL.masked_fill(~keep, 0.0).amax(-1).transpose(0, 1).unsqueeze(-1)
+        raw = torch.einsum("qhd,lhd->hql", q_QHD, k_LHD).abs() * abs(scale)
+        sabs_QH1 = raw.masked_fill(~keep, 0.0).amax(-1).transpose(0, 1).unsqueeze(-1)
+        mid[start:start + q_len] = (1 + 2 * sabs_QH1) * m_QHD
+        acc[start:start + q_len] = (math.sqrt(L) + 2 * math.sqrt(d) * smax_QH1) * m_QHD
+    return mid, acc
+
+
+def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str = "",
+              uniform: bool = False) -> OpCase:
+    """One attention case over the batch ``seqs`` of ``(q_len, seq_len)`` (``uniform``: see :func:`make_batch`)."""
     seqs = [(int(q), int(L)) for q, L in seqs]
 
     def make(device: torch.device, seed: int) -> Dict[str, Any]:
-        return make_batch(spec, seqs, device, seed)
+        return make_batch(spec, seqs, device, seed, uniform=uniform)
 
     def call(op: Attention, inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
         q = inp["q"]
@@ -108,7 +182,9 @@ def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str =
         return (op(q, inp["k_cache"], inp["v_cache"], inp["meta"], out=out),)
 
     def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
-        return (attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec),)
+        ref = attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec).cpu()
+        mid, acc = attention_magnitudes(inp, spec)
+        return (with_allowance(ref, allowance("attention", spec.dtype, mid_mag=mid, acc_mag=acc)),)
 
     name = f"{label + ' ' if label else ''}{_describe(spec, seqs)}"
     return OpCase(op=Attention, spec=spec, name=name, tolerance_class="attention",
@@ -180,13 +256,70 @@ def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
         make_case(spec(causal=False), [(30, 30), (17, 17)], "bidirectional"),
         make_case(spec(d=80, hq=4, hkv=2), [(20, 50), (1, 33)], "odd head size 80"),
         make_case(spec(d=72, scale=0.2), [(9, 40)], "head size 72 custom scale"),
+        *[make_case(spec(hq=2, hkv=2, d=d), [(7, 7), (1, P + 3)], f"head size {d}") for d in SENTINEL_HEAD_SIZES],
+        make_case(spec(hq=4, hkv=2), [(20, 20), (1, 2 * P + 1), (6, P + 2)], "uniform causal GQA", uniform=True),
+        make_case(spec(hq=3, hkv=3, sliding_window=5), [(12, 12), (1, P + 6), (4, 9)], "uniform window",
+                  uniform=True),
+        make_case(spec(hq=2, hkv=2, causal=False), [(9, 9), (5, 5)], "uniform bidirectional", uniform=True),
         make_write_case(spec(hq=4, hkv=2), 50, 8, label="kv write"),
         make_write_case(spec(hq=4, hkv=2, d=80), 40, 6, pad_every=7, label="kv write padding"),
     ]
 
 
+#: Head sizes drawn when a kernel declares no list of its own.
+_DRAW_HEAD_SIZES = (16, 32, 48, 64, 80, 96, 112, 128, 256)
+
+
+def _claims(backend: Any, dtype: torch.dtype) -> List[Any]:
+    """The capabilities of the backend's attention kernels that accept ``dtype`` and the backend's layout."""
+    out = []
+    for k in backend.kernels_for(Attention.name):
+        cap = k.capability
+        if dtype in getattr(cap, "dtypes", ()) and backend.kv_cache_layout in getattr(cap, "kv_layouts",
+                                                                                        (backend.kv_cache_layout,)):
+            out.append(cap)
+    return out
+
+
 def case_strategy(backend: Any, dtype: torch.dtype):
+    """Attention batches within the backend's declared capabilities (3 in 4) and unconstrained ones (1 in 4),
+    plus KV writes."""
     from hypothesis import strategies as st
+
+    claims = _claims(backend, dtype)
+
+    def seqs_of(draw_: Any, max_len: int) -> List[Tuple[int, int]]:
+        seqs = []
+        for _ in range(draw_(st.integers(1, 4))):
+            L = draw_(st.integers(1, max_len))
+            seqs.append((draw_(st.one_of(st.just(1), st.just(L), st.integers(1, L))), L))
+        return seqs
+
+    @st.composite
+    def within(draw_) -> OpCase:
+        cap = draw_(st.sampled_from(claims))
+        feats = getattr(cap, "features", ATTENTION_FEATURES)
+        sizes = [p for p in backend.block_sizes if cap.block_sizes is None or p in cap.block_sizes]
+        P = draw_(st.sampled_from(sizes[:2] or list(backend.block_sizes[:1])))
+        heads = sorted(cap.head_sizes) if cap.head_sizes is not None else list(_DRAW_HEAD_SIZES)
+        heads = [h for h in heads if cap.max_head_size is None or h <= cap.max_head_size] or heads
+        d = draw_(st.sampled_from(heads))
+        modes = [c for c, f in ((True, "causal"), (False, "bidirectional")) if f in feats] or [True]
+        causal = draw_(st.sampled_from(modes))
+        groups = [1]
+        if "gqa" in feats:
+            top = cap.max_num_queries_per_kv or 8
+            groups += [g for g in (2, 4, 8) if g <= top]
+        g = draw_(st.sampled_from(groups))
+        hkv = draw_(st.integers(1, 3))
+        window = draw_(st.one_of(st.none(), st.integers(1, 64))) if "sliding_window" in feats else None
+        soft = draw_(st.one_of(st.none(), st.floats(1.0, 30.0))) if "soft_cap" in feats else None
+        scale = draw_(st.one_of(st.none(), st.floats(0.05, 0.5))) if "custom_scale" in feats else None
+        spec = AttentionSpec(num_heads=hkv * g, num_kv_heads=hkv, head_size=d, dtype=dtype, block_size=P,
+                             kv_layout=backend.kv_cache_layout, causal=causal, sliding_window=window,
+                             soft_cap=None if soft is None else round(soft, 2),
+                             scale=None if scale is None else round(scale, 3))
+        return make_case(spec, seqs_of(draw_, 160 if d <= 128 else 64))
 
     @st.composite
     def draw(draw_) -> OpCase:
@@ -197,16 +330,10 @@ def case_strategy(backend: Any, dtype: torch.dtype):
         causal = draw_(st.booleans())
         window: Optional[int] = draw_(st.one_of(st.none(), st.integers(1, 64)))
         cap: Optional[float] = draw_(st.one_of(st.none(), st.floats(1.0, 30.0)))
-        n = draw_(st.integers(1, 4))
-        seqs = []
-        for _ in range(n):
-            L = draw_(st.integers(1, 160))
-            q = draw_(st.one_of(st.just(1), st.just(L), st.integers(1, L)))
-            seqs.append((q, L))
         spec = AttentionSpec(num_heads=hkv * g, num_kv_heads=hkv, head_size=d, dtype=dtype, block_size=P,
                              kv_layout=backend.kv_cache_layout, causal=causal, sliding_window=window,
                              soft_cap=None if cap is None else round(cap, 2))
-        return make_case(spec, seqs)
+        return make_case(spec, seqs_of(draw_, 160))
 
     @st.composite
     def draw_write(draw_) -> OpCase:
@@ -219,4 +346,6 @@ def case_strategy(backend: Any, dtype: torch.dtype):
         tokens = draw_(st.integers(1, blocks * P))
         return make_write_case(spec, tokens, blocks, pad_every=draw_(st.sampled_from([0, 0, 3])))
 
+    if claims:
+        return st.one_of(within(), within(), within(), draw(), draw_write())
     return st.one_of(draw(), draw(), draw(), draw_write())
