@@ -55,7 +55,10 @@ def make_case(dtype: torch.dtype, m: int, k: int, n: int, e: int, mode: str, ske
         ref = grouped_gemm_reference(x, w, groups, mode)
         if exact:
             return (ref,)
-        mag = grouped_gemm_reference(x.abs(), w.abs(), groups, mode)
+        # |x_m| . |w_e(m),n| bounded by ||x_m|| ||w_e(m),n|| (Cauchy-Schwarz), without a second grouped GEMM
+        ids = groups.long() if mode == "ids" else torch.repeat_interleave(torch.arange(e), groups.long(),
+                                                                          output_size=m)
+        mag = x.double().norm(dim=-1, keepdim=True) * w.double().norm(dim=-1)[ids]
         return (with_allowance(ref, allowance("gemm", dtype, acc_mag=math.sqrt(k) * mag)),)
 
     name = f"{tag + ' ' if tag else ''}M={m} K={k} N={n} E={e} mode={mode}{f' skew={skew:g}' if skew else ''}"
@@ -70,7 +73,7 @@ def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
         make_case(dtype, 7, 64, 96, 4, "ids", tag="odd rows"),
         make_case(dtype, 128, 96, 80, 8, "segments", skew=1.0, tag="skewed prefill"),
         make_case(dtype, 64, 128, 64, 16, "ids", skew=2.0, tag="many empty experts"),
-        make_case(dtype, 256, 512, 384, 8, "segments", tag="mixtral-like"),
+        make_case(dtype, 96, 256, 192, 8, "segments", tag="mixtral-like"),
         make_case(dtype, 24, 40, 16, 5, "segments", tag="exact", exact=True),
         make_case(dtype, 17, 72, 24, 6, "ids", skew=0.5, tag="exact", exact=True),
     ]
