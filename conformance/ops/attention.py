@@ -38,7 +38,7 @@ from ..cases import OpCase, poison
 from ..tolerances import allowance, with_allowance
 
 __all__ = ["FAMILY", "fixed_cases", "case_strategy", "make_case", "make_write_case", "make_batch", "GARBAGE",
-           "SENTINEL_HEAD_SIZES", "attention_magnitudes"]
+           "SENTINEL_HEAD_SIZES", "attention_magnitudes", "reference_with_allowance"]
 
 #: Head sizes real models use; each gets a plain causal fixed case.
 SENTINEL_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
@@ -167,6 +167,14 @@ def attention_magnitudes(inp: Dict[str, Any], spec: AttentionSpec) -> Tuple[torc
     return mid, acc
 
 
+def reference_with_allowance(inp: Dict[str, Any], spec: AttentionSpec) -> torch.Tensor:
+    """The float64 oracle of a :func:`make_batch` batch, carrying the error model's per-element allowance
+    (compare it with :func:`anyaccel.conformance.tolerances.compare` and ``tolerance("attention", dtype)``)."""
+    ref = attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec).cpu()
+    mid, acc = attention_magnitudes(inp, spec)
+    return with_allowance(ref, allowance("attention", spec.dtype, mid_mag=mid, acc_mag=acc))
+
+
 def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str = "",
               uniform: bool = False) -> OpCase:
     """One attention case over the batch ``seqs`` of ``(q_len, seq_len)`` (``uniform``: see :func:`make_batch`)."""
@@ -181,9 +189,7 @@ def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str =
         return (op(q, inp["k_cache"], inp["v_cache"], inp["meta"], out=out),)
 
     def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
-        ref = attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec).cpu()
-        mid, acc = attention_magnitudes(inp, spec)
-        return (with_allowance(ref, allowance("attention", spec.dtype, mid_mag=mid, acc_mag=acc)),)
+        return (reference_with_allowance(inp, spec),)
 
     name = f"{label + ' ' if label else ''}{_describe(spec, seqs)}"
     return OpCase(op=Attention, spec=spec, name=name, tolerance_class="attention",

@@ -31,7 +31,7 @@ from ..cases import OpCase, poison
 from ..tolerances import allowance, with_allowance
 
 __all__ = ["FAMILY", "fixed_cases", "case_strategy", "rms_norm_case", "layer_norm_case", "rotary_case",
-           "activation_case"]
+           "activation_case", "norm_with_allowance", "rotary_magnitude", "rotary_with_allowance"]
 
 FAMILY = "fused"
 
@@ -44,7 +44,7 @@ def _tags(label: str) -> Tuple[str, ...]:
     return ("fixed",) if label else ("drawn",)
 
 
-def _norm_allowance(ref: torch.Tensor, dtype: torch.dtype, h: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def norm_with_allowance(ref: torch.Tensor, dtype: torch.dtype, h: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``ref`` with the norm's allowance: mid_mag = |x_hat * w| + |b|, acc_mag = sqrt(H) * mid_mag."""
     mag = ref.abs() if bias is None else (ref - bias.double()).abs() + bias.double().abs()
     return with_allowance(ref, allowance("norm", dtype, mid_mag=mag, acc_mag=h ** 0.5 * mag))
@@ -74,8 +74,8 @@ def rms_norm_case(dtype: torch.dtype, lead: Tuple[int, ...], h: int, fused: bool
     def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
         ref = rms_norm_reference(inp["x"], inp["weight"], eps, inp["residual"])
         if not fused:
-            return (_norm_allowance(ref, dtype, h),)
-        return _norm_allowance(ref[0], dtype, h), ref[1]
+            return (norm_with_allowance(ref, dtype, h),)
+        return norm_with_allowance(ref[0], dtype, h), ref[1]
 
     name = (f"{label + ' ' if label else ''}rms_norm x={_shape(lead, h)}{' fused residual' if fused else ''}"
             f"{f' x~{x_scale:g}' if x_scale != 1.0 else ''}")
@@ -143,28 +143,37 @@ def rotary_case(dtype: torch.dtype, t: int, hq: int, hkv: int, d: int, r: int, s
         return tuple(op(inp["positions"], q, k, inp["cos_sin_cache"], q_out=q_out, k_out=k_out))
 
     def reference(inp: Dict[str, Any]) -> Tuple[torch.Tensor, ...]:
-        q_ref, k_ref = rotary_reference(inp["positions"], inp["q"], inp["k"], inp["cos_sin_cache"], style)
-        return tuple(with_allowance(ref, allowance("rotary", dtype, mid_mag=m, acc_mag=m)) for ref, m in
-                     ((q_ref, _rotary_magnitude(inp, "q")), (k_ref, _rotary_magnitude(inp, "k"))))
+        return rotary_with_allowance(inp["positions"], inp["q"], inp["k"], inp["cos_sin_cache"], style)
 
-    def _rotary_magnitude(inp: Dict[str, Any], which: str) -> torch.Tensor:
-        """|x1 cos| + |x2 sin| (and |x2 cos| + |x1 sin|) on the rotated dims, 0 on the pass-through tail."""
-        x = inp[which].detach().cpu().double()
-        cs = inp["cos_sin_cache"].detach().cpu().double()[inp["positions"].cpu().long()].abs()
-        half = cs.shape[1] // 2
-        cos, sin = cs[:, None, :half], cs[:, None, half:]
-        a, b = (slice(0, half), slice(half, 2 * half)) if style == "neox" else (slice(0, 2 * half, 2),
-                                                                              slice(1, 2 * half, 2))
-        m = torch.zeros_like(x)
-        m[..., a] = x[..., a].abs() * cos + x[..., b].abs() * sin
-        m[..., b] = x[..., b].abs() * cos + x[..., a].abs() * sin
-        return m
 
     extra = f" {scaling.rope_type}-scaled" if scaling is not None else ""
     name = (f"{label + ' ' if label else ''}rotary {style}{extra} T={t} Hq={hq} Hkv={hkv} D={d} R={r} "
             f"P={max_position}")
     return OpCase(op=Rotary, spec=spec, name=name, tolerance_class="rotary", reduction=1, make=make, call=call,
                   reference=reference, tags=_tags(label))
+
+
+def rotary_magnitude(positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     style: str) -> torch.Tensor:
+    """|x1 cos| + |x2 sin| (and |x2 cos| + |x1 sin|) on the rotated dims of ``x``, 0 on the pass-through tail."""
+    x = x.detach().cpu().double()
+    cs = cos_sin_cache.detach().cpu().double()[positions.cpu().long()].abs()
+    half = cs.shape[1] // 2
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    a, b = (slice(0, half), slice(half, 2 * half)) if style == "neox" else (slice(0, 2 * half, 2),
+                                                                          slice(1, 2 * half, 2))
+    m = torch.zeros_like(x)
+    m[..., a] = x[..., a].abs() * cos + x[..., b].abs() * sin
+    m[..., b] = x[..., b].abs() * cos + x[..., a].abs() * sin
+    return m
+
+
+def rotary_with_allowance(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                          style: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The float64 oracle ``(q_out, k_out)``, each carrying the error model's per-element allowance."""
+    refs = rotary_reference(positions, q, k, cos_sin_cache, style)
+    return tuple(with_allowance(ref, allowance("rotary", x.dtype, mid_mag=m, acc_mag=m))
+                 for ref, x in zip(refs, (q, k)) for m in (rotary_magnitude(positions, x, cos_sin_cache, style),))
 
 
 def activation_case(dtype: torch.dtype, act: str, lead: Tuple[int, ...], d: int, approximate: str = "none",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anyaccel.backends.cpu.attention import KERNELS
-from anyaccel.conformance.ops.attention import fixed_cases, make_batch, make_case
+from anyaccel.conformance.ops.attention import fixed_cases, make_batch, make_case, reference_with_allowance
 from anyaccel.conformance.tolerances import compare, tolerance
 from anyaccel.core.attention import Attention, AttentionSpec, ReshapeAndCache, attention_reference
 from anyaccel.plugins import discover
@@ -160,7 +160,7 @@ def test_decode_in_cache_order_and_by_gather_agree_with_reference(make_backend, 
     op = Attention.build(spec, be, strict=True)
     out = torch.full_like(b["q"], float("nan"))
     op(b["q"], b["k_cache"], b["v_cache"], b["meta"], out=out)
-    ref = attention_reference(b["q"], b["k_cache"], b["v_cache"], b["meta"], spec)
+    ref = reference_with_allowance(b, spec)  # the float64 oracle with the error model's allowance
     atol, rtol = tolerance("attention", dtype, 70)
     c = compare((out,), (ref,), atol, rtol)
     assert c.passed, c.reason
