@@ -28,6 +28,7 @@ one of them has padding slots (``-1``) that must be skipped.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -167,12 +168,41 @@ def attention_magnitudes(inp: Dict[str, Any], spec: AttentionSpec) -> Tuple[torc
     return mid, acc
 
 
+#: Recent oracles by (spec, batch, fingerprint of the inputs): the kill matrix runs the same cases on many
+#: backends, and the float64 oracle is most of an attention case's cost. Bounded; see :func:`_fingerprint`.
+_MEMO: "OrderedDict[Tuple[Any, ...], torch.Tensor]" = OrderedDict()
+_MEMO_SIZE = 256
+
+
+def _fingerprint(inp: Dict[str, Any]) -> Tuple[Any, ...]:
+    """A checksum of every input the oracle reads (values and positions), so a kernel that scribbled on its
+    inputs gets a fresh oracle, exactly as without the memo."""
+    out: List[Any] = []
+    for name in ("q", "k_cache", "v_cache"):
+        t = inp[name].detach().cpu().double().flatten()
+        w = torch.arange(1, t.numel() + 1, dtype=torch.float64).remainder_(977.0)
+        out += [tuple(t.shape), float(t.nan_to_num(7.0).sum()), float((t.nan_to_num(7.0) * w).sum())]
+    meta = inp["meta"]
+    for t in (meta.query_start_loc, meta.seq_lens, meta.block_table):
+        out.append(tuple(t.cpu().flatten().tolist()))
+    return tuple(out)
+
+
 def reference_with_allowance(inp: Dict[str, Any], spec: AttentionSpec) -> torch.Tensor:
     """The float64 oracle of a :func:`make_batch` batch, carrying the error model's per-element allowance
     (compare it with :func:`anyaccel.conformance.tolerances.compare` and ``tolerance("attention", dtype)``)."""
+    key = (spec, _fingerprint(inp))
+    hit = _MEMO.get(key)
+    if hit is not None:
+        _MEMO.move_to_end(key)
+        return hit
     ref = attention_reference(inp["q"], inp["k_cache"], inp["v_cache"], inp["meta"], spec).cpu()
     mid, acc = attention_magnitudes(inp, spec)
-    return with_allowance(ref, allowance("attention", spec.dtype, mid_mag=mid, acc_mag=acc))
+    ref = with_allowance(ref, allowance("attention", spec.dtype, mid_mag=mid, acc_mag=acc))
+    _MEMO[key] = ref
+    while len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return ref
 
 
 def make_case(spec: AttentionSpec, seqs: Sequence[Tuple[int, int]], label: str = "",
