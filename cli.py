@@ -358,7 +358,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     try:
         report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
                             seed=args.seed, progress=progress_cb, models=models,
-                            allow_unsupported=args.allow_unsupported)
+                            allow_unsupported=args.allow_unsupported, check_coverage=True)
     finally:
         if bar is not None:
             bar.stop()

@@ -112,7 +112,7 @@ def plan_from_config(config: Any) -> List[Any]:
     examples = _opt(config, "examples")
     return runner.plan(backends, dtypes, _opt(config, "family"),
                        examples=runner.DEFAULT_EXAMPLES if examples is None else examples,
-                       strict=bool(_opt(config, "strict")))
+                       strict=bool(_opt(config, "strict")), check_coverage=True)
 
 
 def generate(metafunc: Any) -> None:

@@ -328,6 +328,7 @@ class _Shared:
     def __init__(self) -> None:
         self.collectives: Dict[str, Dict[Tuple[str, str], CaseResult]] = {}
         self.collectives_failed: Dict[str, List[CaseResult]] = {}
+        self.collective_keys: Dict[str, List[Tuple[str, str]]] = {}
         self.references: Dict[str, Any] = {}
         self.op_records: Dict[str, List[CaseResult]] = {}
         self.op_units: Dict[str, int] = {}
@@ -447,9 +448,11 @@ def _plan_family(backend: Backend, family: str, dtype: torch.dtype, examples: in
 
 def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
          families: Optional[Sequence[str]] = None, *, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
-         strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None) -> List[PlannedCase]:
+         strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None,
+         check_coverage: bool = False) -> List[PlannedCase]:
     """Every unit of work of a run, in order: per backend, each family's units (op cases per dtype; collective
-    cases; (model, dtype) pairs), then the backend's coverage unit when an op family ran."""
+    cases; (model, dtype) pairs), then, with ``check_coverage``, the backend's coverage unit when an op family
+    ran."""
     fams = list(families) if families else families_default()
     shared = _Shared()
     out: List[PlannedCase] = []
@@ -469,7 +472,7 @@ def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DT
         shared.op_units[b.name] = len(op_units)
         shared.op_names[b.name] = list(dict.fromkeys(u.case.op_name for u in op_units))  # type: ignore[union-attr]
         out.extend(mine)
-        if op_units:
+        if op_units and check_coverage:
             out.append(PlannedCase(b, COVERAGE, None, "declared features reached", dtypes=tuple(dtypes),
                                    strict=strict, shared=shared))
     return out
@@ -492,6 +495,7 @@ def _plan_collectives(b: Backend, dtypes: Tuple[torch.dtype, ...], strict: bool,
             key = (c.name, "-" if getattr(c, "dtype_free", False) else dtype_name(dt))
             units.append(PlannedCase(b, COLLECTIVES, None, c.name, dtypes=dtypes, strict=strict, timeout=timeout,
                                      key=key, shared=shared))
+    shared.collective_keys[b.name] = [u.key for u in units if u.key is not None]
     return units
 
 
@@ -705,7 +709,7 @@ def _run_collective_unit(u: PlannedCase) -> List[CaseResult]:
                 table[(r.name, r.dtype)] = r
         sh.collectives[name] = table
         sh.collectives_failed[name] = [r for r in table.values() if r.dtype == "all"]
-        planned = {k for k in table if k[1] != "all"}
+        planned = set(sh.collective_keys.get(name, ()))
         # records the plan did not expect are handed out with the first unit, never dropped
         extra = rest + [r for k, r in table.items() if k[1] != "all" and k not in planned]
     rec = sh.collectives[name].get(u.key)
@@ -871,7 +875,8 @@ def _selection_table(results: Sequence[CaseResult]) -> List[Dict[str, Any]]:
 def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
         families: Optional[Sequence[str]] = None, strict: bool = False, examples: int = DEFAULT_EXAMPLES,
         seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0,
-        models: Optional[Sequence[str]] = None, allow_unsupported: bool = False) -> Report:
+        models: Optional[Sequence[str]] = None, allow_unsupported: bool = False,
+        check_coverage: bool = False) -> Report:
     """Run the suite and return the :class:`Report`.
 
     :param backends: :class:`Backend` objects or names (looked up in the plugin registry); each must be available.
@@ -885,15 +890,19 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
     :param models: model names for the ``models`` family (see :func:`model_names`); ``None`` means all.
     :param allow_unsupported: a case that could not run here (``not run``: a reference dependency or a checkpoint
         missing) does not make the exit code non-zero.
+    :param check_coverage: a declared feature no case took to the backend's own kernel is an ``error`` record of
+        kind ``"coverage"`` (``anyaccel conformance`` and the pytest plugin turn this on). The coverage table is in
+        the report either way.
     """
     bs = _resolve(backends)
     dts = tuple(dtypes)
     t0 = time.perf_counter()
-    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models)
+    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models,
+                check_coverage=check_coverage)
     env = environment(bs)
     env.update({"seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
                 "families": list(families) if families else families_default(),
-                "allow_unsupported": allow_unsupported, "not_loaded": not_loaded(),
+                "allow_unsupported": allow_unsupported, "check_coverage": check_coverage, "not_loaded": not_loaded(),
                 "tolerances": describe_table()})
     if env.get("hypothesis") is None and examples > 0:
         env["note"] = "hypothesis is not installed: only the fixed cases ran"
@@ -907,6 +916,11 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
             progress(i + 1, total, item.id)
     env["seconds"] = round(time.perf_counter() - t0, 3)
     shared = next((u.shared for u in work if u.shared is not None), None)
-    rows = [r for b in bs for r in (shared.coverage.get(b.name, []) if shared is not None else [])]
+    rows: List[cov.CoverageRow] = []
+    for b in bs:
+        if shared is not None and b.name in shared.coverage:
+            rows += shared.coverage[b.name]
+        elif shared is not None and shared.op_names.get(b.name):
+            rows += cov.coverage_table(b, shared.op_records.get(b.name, []), dts, ops=shared.op_names[b.name])
     return Report(environment=env, cases=results, selections=_selection_table(results), coverage=rows,
                   allow_unsupported=allow_unsupported)
