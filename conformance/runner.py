@@ -800,8 +800,21 @@ def _run_model_unit(u: PlannedCase) -> List[CaseResult]:
                                         f"{_where(e)}")
                 if sh is not None:
                     sh.references[m] = hf
+            model = None
+            if u.strict:  # build with strict selection: a fallback is refused before any check runs
+                from ..models import build_model
+
+                try:
+                    model = build_model(hf, b, u.dtype, strict=True)
+                except UnsupportedError as e:
+                    return one("error", f"strict mode: the model needs the core's fallback: {_one_line(e)}")
+                except Exception:  # any other build failure is reported by the checks' own build record
+                    model = None
             with _StrictEnv(u.strict):
-                recs = list(tiny.run_model_checks(b, m, u.dtype, hf=hf))
+                if model is None:
+                    recs = list(tiny.run_model_checks(b, m, u.dtype, hf=hf))
+                else:
+                    recs = list(tiny.run_model_checks(b, m, u.dtype, hf=hf, model=model))
         else:
             ck = real.locate(m)
             if isinstance(ck, real.Missing):

@@ -277,15 +277,26 @@ def test_missing_transformers_makes_model_cases_not_run_and_the_exit_code_non_ze
 
 
 def test_strict_applies_to_model_cases_and_restores_the_environment(monkeypatch):
-    monkeypatch.delenv("ANYACCEL_STRICT", raising=False)
+    monkeypatch.setenv("ANYACCEL_STRICT", "no")  # what the user had: restored after the models ran
     b = _backend("gemmonly", GemmCapability())  # every other op of a model falls back to the core
     rep = runner.run([b], families=["models"], dtypes=(F32,), models=["llama"], strict=True)
     assert rep.cases and all(c.status == "error" and "strict mode" in c.reason for c in rep.cases), \
         [(c.status, c.reason) for c in rep.cases]
+    assert "registers no kernel" in rep.cases[0].reason and rep.exit_code == 1
+    assert os.environ["ANYACCEL_STRICT"] == "no"
+
+
+def test_strict_environment_is_set_for_the_model_build_and_removed_after(monkeypatch):
+    from anyaccel.core.dispatch import strict_default
+
+    monkeypatch.delenv("ANYACCEL_STRICT", raising=False)
+    with runner._StrictEnv(True):
+        assert strict_default()
     assert "ANYACCEL_STRICT" not in os.environ
-    monkeypatch.setenv("ANYACCEL_STRICT", "yes")
-    runner.run([b], families=["models"], dtypes=(F32,), models=["llama"], strict=True)
-    assert os.environ["ANYACCEL_STRICT"] == "yes"
+    monkeypatch.setenv("ANYACCEL_STRICT", "1")
+    with runner._StrictEnv(False):
+        assert not strict_default()
+    assert os.environ["ANYACCEL_STRICT"] == "1"
 
 
 def test_strict_turns_a_model_that_ran_on_fallbacks_into_an_error():
