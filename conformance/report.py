@@ -170,37 +170,38 @@ def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50
         for c in problems[:show_problems]:
             err = f" max_abs_err={_fmt(c.max_abs_err)} tol={_fmt(c.tolerance)}" if c.max_abs_err is not None else ""
             console.print(f"  [red]{c.status.upper()}[/red] {escape(f'{c.backend} {c.op} {c.dtype} [{c.name}]{err}')}",
-                          highlight=False)
-            console.print(f"      {escape(c.reason)}", highlight=False)
+                          highlight=False, soft_wrap=True)
+            console.print(f"      {escape(c.reason)}", highlight=False, soft_wrap=True)
         if len(problems) > show_problems:
             console.print(f"  ... and {len(problems) - show_problems} more (see the JSON report)")
     gaps = strict_gaps(report)
     for backend, ops in gaps.items():
         what = ", ".join(f"{op} ({', '.join(dts)})" for op, dts in ops.items())
         console.print(f"[bold red]strict mode:[/bold red] {escape(f'backend {backend!r} has no kernel supporting: {what}')}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     for which, style in (("not run", "magenta"), ("unsupported", "yellow"), ("fallback", "yellow")):
         groups = grouped_reasons(report, which)
         if not groups:
             continue
         n = sum(g[3] for g in groups)
         title = "via fallback" if which == "fallback" else which
-        console.print(f"[{style}]{n} case(s) {title}, by reason:[/{style}]", highlight=False)
+        console.print(f"[{style}]{n} case(s) {title}, by reason:[/{style}]", highlight=False, soft_wrap=True)
         for b, op, dts, count, why in groups[:show_groups]:
-            console.print("  " + escape(f"{count} x {b} {op} ({', '.join(dts)}): {why}"), highlight=False)
+            console.print("  " + escape(f"{count} x {b} {op} ({', '.join(dts)}): {why}"), highlight=False,
+                          soft_wrap=True)
         if len(groups) > show_groups:
             console.print(f"  ... and {len(groups) - show_groups} more reason(s) (see the JSON or Markdown report)")
     _render_coverage(report, console)
     nl = report.environment.get("not_loaded", {})
     for x in nl.get("unavailable_backends", ()):
         console.print("[yellow]backend not available here:[/yellow] " + escape(f"{x['name']}: {x['reason']}"),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     for x in nl.get("quarantined", ()):
         pkg = f" ({x['package']} {x['version']})".replace(" )", ")") if x.get("package") else ""
         console.print("[bold red]plugin quarantined:[/bold red] " + escape(f"{x['name']}{pkg}: {x['error']}"),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     style = "green" if report.exit_code == 0 else "bold red"
-    console.print(f"[{style}]{escape(summary_line(report))}[/{style}]", highlight=False)
+    console.print(f"[{style}]{escape(summary_line(report))}[/{style}]", highlight=False, soft_wrap=True)
 
 
 def _render_coverage(report: Any, console: Any) -> None:

@@ -733,8 +733,8 @@ def _reference_missing(modules: Sequence[str]) -> str:
             missing.append(m)
     if not missing:
         return ""
-    return (f"reference dependency missing: {', '.join(missing)} cannot be imported (the model cases compare "
-            f"against it); install it with: {REFERENCE_INSTALL}")
+    return (f"reference dependency missing: {', '.join(missing)} cannot be imported (model cases compare against "
+            f"it); install it with: {REFERENCE_INSTALL}")
 
 
 class _StrictEnv:
