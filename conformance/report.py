@@ -76,7 +76,10 @@ def grouped_reasons(report: Any, which: str) -> List[Tuple[str, str, List[str], 
     return sorted(out, key=lambda g: -g[3])
 
 
-def coverage_matrix(report: Any) -> Tuple[List[str], List[Tuple[str, str, str]], Dict[Tuple[Tuple[str, str, str], str], Any]]:
+_Row = Tuple[str, str, str]
+
+
+def coverage_matrix(report: Any) -> Tuple[List[str], List[_Row], Dict[Tuple[_Row, str], Any]]:
     """``(dtypes, rows, cells)`` of the coverage table: rows ``(backend, op, feature)``, each cell the
     :class:`~anyaccel.conformance.coverage.CoverageRow` of that dtype (absent: not declared for it)."""
     dts: "OrderedDict[str, None]" = OrderedDict()
@@ -177,8 +180,8 @@ def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50
     gaps = strict_gaps(report)
     for backend, ops in gaps.items():
         what = ", ".join(f"{op} ({', '.join(dts)})" for op, dts in ops.items())
-        console.print(f"[bold red]strict mode:[/bold red] {escape(f'backend {backend!r} has no kernel supporting: {what}')}",
-                      highlight=False, soft_wrap=True)
+        text = escape(f"backend '{backend}' has no kernel supporting: {what}")
+        console.print(f"[bold red]strict mode:[/bold red] {text}", highlight=False, soft_wrap=True)
     for which, style in (("not run", "magenta"), ("unsupported", "yellow"), ("fallback", "yellow")):
         groups = grouped_reasons(report, which)
         if not groups:

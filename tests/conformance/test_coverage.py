@@ -114,7 +114,8 @@ def test_full_coverage_gives_no_error_and_the_table_is_reported_without_the_chec
 
 
 def test_an_undeclared_out_dtype_is_not_required_and_a_declared_one_is():
-    b = _backend("outs", _gemm_kernel("outs", GemmCapability(dtypes=frozenset({F16}), out_dtypes=frozenset({F16, BF16}))))
+    cap = GemmCapability(dtypes=frozenset({F16}), out_dtypes=frozenset({F16, BF16}))
+    b = _backend("outs", _gemm_kernel("outs", cap))
     rows = runner.run([b], families=["gemm"], dtypes=(F16,), examples=0).coverage
     assert {r.feature for r in rows} == {"bias", "no bias", "out_dtype=bfloat16"}
     assert {r.feature for r in cov.unreached(rows)} <= {"out_dtype=bfloat16"}

@@ -318,3 +318,20 @@ def test_real_checkpoints_respect_a_declared_model_size_limit():
     recs = run_real_models(slow, (F32,))
     assert [r.status for r in recs] == ["unsupported", "unsupported"]
     assert all("max_model_parameters=1,000,000" in r.reason or "not installed" in r.reason for r in recs)
+
+
+def test_plugins_not_loaded_come_from_the_registry_and_reach_the_report():
+    from anyaccel.plugins.manager import Quarantined
+
+    gone = Backend.local(BackendDef(name="gone", vendor="t", device_type="cpu", detect=lambda: "no such chip"), [])
+    here = _backend("here", GemmCapability())
+    reg = types.SimpleNamespace(backends={"gone": gone, "here": here},
+                                quarantined=[Quarantined("bad", "ImportError: boom", "bad-pkg", "1.0")])
+    nl = runner.not_loaded(reg)
+    assert nl["unavailable_backends"] == [{"name": "gone", "reason": "no such chip", "package": "local"}]
+    assert nl["quarantined"] == [{"name": "bad", "error": "ImportError: boom", "package": "bad-pkg",
+                                  "version": "1.0"}]
+    rep = runner.run([here], families=["gemm"], dtypes=(F32,), examples=0)
+    from anyaccel.plugins import get_registry
+    assert rep.environment["not_loaded"] == runner.not_loaded(get_registry())
+    assert rep.summary["unavailable_backends"] == len(rep.environment["not_loaded"]["unavailable_backends"])
