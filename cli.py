@@ -5,7 +5,8 @@
   anyaccel conformance [--backend B]... [...]     the conformance suite: matrix, JSON/JUnit/Markdown, exit code
   anyaccel bench ops [--backend B] [--quick]      op benchmarks as ratios against torch on the same machine
 
-Errors print one line (``anyaccel: error: ...``) and exit 2. ``conformance`` exits 1 when a case fails or errors.
+Errors print one line (``anyaccel: error: ...``) and exit 2. ``conformance`` exits 1 when a case fails or errors
+(an unreached declared feature included), or when a case could not run here unless ``--allow-unsupported``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import os
 import pkgutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -317,7 +317,7 @@ def provenance(sel: Any, backend: Any) -> Dict[str, Any]:
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     from .conformance import runner
-    from .conformance.report import render_terminal, write_json, write_junit, write_markdown
+    from .conformance.report import render_terminal, summary_line, write_json, write_junit, write_markdown
 
     if args.backend:
         backends = [_backend(n) for n in dict.fromkeys(args.backend)]
@@ -341,9 +341,6 @@ def cmd_conformance(args: argparse.Namespace) -> int:
                 raise CliError(f"unknown model '{m}'; known models: {', '.join(known_models)}")
         if fams is None:
             fams = [runner.MODELS]
-    if args.strict:
-        os.environ["ANYACCEL_STRICT"] = "1"
-
     from rich.console import Console
 
     progress_cb = None
@@ -360,7 +357,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         bar.start()
     try:
         report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
-                            seed=args.seed, progress=progress_cb, models=models)
+                            seed=args.seed, progress=progress_cb, models=models,
+                            allow_unsupported=args.allow_unsupported, check_coverage=True)
     finally:
         if bar is not None:
             bar.stop()
@@ -372,9 +370,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         write_markdown(report, args.markdown)
     console = _console()
     if args.quiet:
-        s = report.summary
-        print(f"{s['total']} cases: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
-              f"{s['unsupported']} unsupported, {s['fallback']} via fallback")
+        print(summary_line(report))
+        for why in dict.fromkeys(c.reason for c in report.cases if c.status == "not run"):
+            print(f"not run: {why}")
     else:
         render_terminal(report, console)
     return report.exit_code
@@ -472,14 +470,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_explain)
 
-    c = sub.add_parser("conformance", help="run the conformance suite against the float64 reference")
+    from .conformance.runner import families as _families
+
+    c = sub.add_parser(
+        "conformance", help="run the conformance suite against the float64 reference",
+        description="Run the conformance suite: every op case against the float64 reference, collectives over "
+                    "processes, whole models against Hugging Face transformers. Prints the matrix, the reasons of "
+                    "every non-pass outcome, the coverage of declared features and a summary line.",
+        epilog="Outcomes: pass, fail, error, unsupported (declared unsupported and no fallback), not run (could "
+               "not run here: a reference dependency or checkpoint is missing), and 'via fallback' (a pass/fail "
+               "that ran on the core's native fallback). Exit status: 1 on any fail or error (a declared feature "
+               "no case reached is an error of kind 'coverage'), and on any 'not run' unless --allow-unsupported; "
+               "2 on a usage error; else 0.")
     c.add_argument("--backend", action="append", default=[], help="backend to test (repeatable; default: all "
                                                                      "available)")
-    c.add_argument("--family", action="append", default=[], help="op family (repeatable; default: all)")
+    c.add_argument("--family", action="append", default=[], metavar="FAMILY",
+                   help=f"family to run (repeatable; default: all): {', '.join(_families())}")
     c.add_argument("--dtype", action="append", default=[], help="dtype (repeatable; default: fp32, fp16, bf16)")
     c.add_argument("--model", action="append", default=[],
                    help="model for the models family (repeatable; alone it selects only the models family)")
-    c.add_argument("--strict", action="store_true", help="a case no kernel supports is an error, not a fallback")
+    c.add_argument("--strict", action="store_true",
+                   help="a case no kernel supports is an error, not a fallback; a model whose ops fall back to the "
+                        "core is an error")
+    c.add_argument("--allow-unsupported", action="store_true", dest="allow_unsupported",
+                   help="exit 0 even when cases could not run here ('not run': e.g. transformers, the model "
+                        "reference, is missing: pip install 'anyaccel[reference]'); they are still reported")
     c.add_argument("--examples", type=int, default=10, help="hypothesis-drawn cases per family and dtype")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", metavar="PATH")

@@ -61,7 +61,10 @@ class OpCase:
         return self.op.name
 
 
-STATUSES = ("pass", "fail", "unsupported", "error")
+#: Every outcome of a record. ``"not run"``: the case could not run here (a reference dependency or a checkpoint
+#: package is missing); it is not a verdict on the backend, but a run with one exits non-zero unless the user
+#: allows it (``--allow-unsupported``).
+STATUSES = ("pass", "fail", "unsupported", "error", "not run")
 
 
 @dataclass
@@ -75,6 +78,8 @@ class CaseResult:
     :param reason: why it failed, errored, fell back or is unsupported ("" when it simply passed).
     :param fallback: the op ran on the core's native implementation, not a backend kernel.
     :param kernel: the implementation that ran (selection's choice).
+    :param features: the op features the case exercised (:mod:`anyaccel.conformance.coverage`), for the coverage
+        table; empty for records that are not op cases.
     """
 
     backend: str
@@ -89,11 +94,12 @@ class CaseResult:
     fallback: bool = False
     kernel: str = ""
     seconds: float = 0.0
+    features: Tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {
             "backend": self.backend, "kind": self.kind, "name": self.name, "dtype": self.dtype,
             "status": self.status, "max_abs_err": self.max_abs_err, "tolerance": self.tolerance,
             "reason": self.reason, "op": self.op, "fallback": self.fallback, "kernel": self.kernel,
-            "seconds": round(self.seconds, 4),
+            "seconds": round(self.seconds, 4), "features": list(self.features),
         }

@@ -19,12 +19,19 @@ Options (each also read from the environment variable in brackets):
 ``--anyaccel-examples N`` (``ANYACCEL_CONFORMANCE_EXAMPLES``)
     hypothesis-drawn cases per family and dtype (default 10).
 ``--anyaccel-strict`` (``ANYACCEL_CONFORMANCE_STRICT=1``)
-    a case no kernel supports is an error instead of running through the fallback.
+    a case no kernel supports is an error instead of running through the fallback; so is a model whose ops fall
+    back.
+``--anyaccel-allow-unsupported`` (``ANYACCEL_CONFORMANCE_ALLOW_UNSUPPORTED=1``)
+    a case that could not run here (``not run``: a reference dependency or checkpoint missing) is skipped
+    instead of failing.
 
-Each case of the plan is one test item with the id ``backend-family-dtype-case name``; it runs exactly what
-``anyaccel conformance`` runs (:func:`anyaccel.conformance.runner.run_case`). A ``fail`` or ``error`` fails the
-item with the reason; an ``unsupported`` case is skipped with its reason; a pass through the core's fallback
-passes (the fallback is reported in the item's output). Collectives of a backend are one item.
+Each unit of the runner's plan is one test item with the id ``backend-family-dtype-case name``; it runs exactly
+what ``anyaccel conformance`` runs: one item per op case, per collective case (the backend's collectives run once,
+in the first of its items), per (model, dtype), and one ``coverage`` item per backend after its op cases. A
+``fail`` or ``error`` fails the item with the reason; an ``unsupported`` case is skipped with its reason; a ``not
+run`` case fails with its reason (how to install what is missing) unless unsupported cases are allowed; a pass
+through the core's fallback passes (the fallback is reported in the item's output). The coverage item is skipped
+when not every op case of its backend ran (``-k`` or ``--deselect``).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from typing import Any, List, Optional, Sequence
 
 import pytest
 
-__all__ = ["pytest_addoption", "generate", "check", "plan_from_config"]
+__all__ = ["pytest_addoption", "generate", "check", "plan_from_config", "allow_unsupported"]
 
 _ENV = {
     "backend": "ANYACCEL_CONFORMANCE_BACKEND",
@@ -41,6 +48,7 @@ _ENV = {
     "dtype": "ANYACCEL_CONFORMANCE_DTYPE",
     "examples": "ANYACCEL_CONFORMANCE_EXAMPLES",
     "strict": "ANYACCEL_CONFORMANCE_STRICT",
+    "allow_unsupported": "ANYACCEL_CONFORMANCE_ALLOW_UNSUPPORTED",
 }
 
 
@@ -56,6 +64,9 @@ def pytest_addoption(parser: Any) -> None:
                     help="hypothesis-drawn cases per family and dtype (default 10)")
     group.addoption("--anyaccel-strict", action="store_true", default=None, dest="anyaccel_strict",
                     help="treat a case no kernel supports as an error instead of using the fallback")
+    group.addoption("--anyaccel-allow-unsupported", action="store_true", default=None,
+                    dest="anyaccel_allow_unsupported",
+                    help="skip, instead of failing, cases that could not run here (a reference dependency missing)")
 
 
 def _opt(config: Any, name: str) -> Any:
@@ -101,7 +112,7 @@ def plan_from_config(config: Any) -> List[Any]:
     examples = _opt(config, "examples")
     return runner.plan(backends, dtypes, _opt(config, "family"),
                        examples=runner.DEFAULT_EXAMPLES if examples is None else examples,
-                       strict=bool(_opt(config, "strict")))
+                       strict=bool(_opt(config, "strict")), check_coverage=True)
 
 
 def generate(metafunc: Any) -> None:
@@ -113,10 +124,13 @@ def generate(metafunc: Any) -> None:
     metafunc.parametrize("anyaccel_case", work, ids=[w.id for w in work])
 
 
-def check(planned: Any) -> None:
-    """Run one planned case and turn its records into a pytest outcome."""
+def check(planned: Any, allow_unsupported: Optional[bool] = None) -> None:
+    """Run one planned unit and turn its records into a pytest outcome."""
     results = planned.run()
+    if not results and getattr(planned, "note", ""):
+        pytest.skip(planned.note)
     bad = [r for r in results if r.status in ("fail", "error")]
+    not_run = [r for r in results if r.status == "not run"]
     for r in results:
         if r.fallback or r.max_abs_err is not None:
             print(f"{r.backend} {r.op} {r.dtype} [{r.name}]: {r.status} kernel={r.kernel} fallback={r.fallback} "
@@ -124,5 +138,13 @@ def check(planned: Any) -> None:
     if bad:
         pytest.fail("\n".join(f"{r.status.upper()} {r.backend} {r.op} {r.dtype} [{r.name}]: max_abs_err="
                               f"{r.max_abs_err} tolerance={r.tolerance}: {r.reason}" for r in bad), pytrace=False)
-    if results and all(r.status == "unsupported" for r in results):
+    if not_run and not allow_unsupported:
+        pytest.fail("\n".join(f"NOT RUN {r.backend} {r.op} {r.dtype} [{r.name}]: {r.reason} (pass "
+                              f"--anyaccel-allow-unsupported to skip instead)" for r in not_run), pytrace=False)
+    if results and all(r.status in ("unsupported", "not run") for r in results):
         pytest.skip("; ".join(r.reason for r in results))
+
+
+def allow_unsupported(config: Any) -> bool:
+    """Whether this pytest run lets ``not run`` cases skip (option or environment)."""
+    return bool(_opt(config, "allow_unsupported"))

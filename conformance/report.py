@@ -1,12 +1,22 @@
 """Conformance reports: a terminal matrix (rich), JSON, JUnit XML and Markdown, all from one :class:`Report`.
 
-* JSON is exactly ``{"environment": {...}, "summary": {...}, "cases": [CaseResult.to_json(), ...]}``; the
-  selections made during the run are inside ``environment["selections"]``.
+Every report shows every outcome count (pass, fail, error, unsupported, not run, and the pass/fail that ran
+through the core's fallback), the coverage table (:mod:`anyaccel.conformance.coverage`) and the plugins that did
+not make it into the run (backends unavailable here, quarantined plugins), each with its reason.
+
+* JSON is exactly ``{"environment": {...}, "summary": {...}, "cases": [CaseResult.to_json(), ...],
+  "coverage": [CoverageRow.to_json(), ...]}``; the selections made during the run are inside
+  ``environment["selections"]``, the plugins not loaded inside ``environment["not_loaded"]``.
 * JUnit XML has one ``<testsuite>`` per backend and one ``<testcase>`` per case (``classname`` =
   ``anyaccel.<backend>.<op>.<dtype>``): ``<failure>`` for ``fail``, ``<error>`` for ``error``, ``<skipped>`` for
-  ``unsupported``. CI systems render it as they render any test run.
-* Markdown is for publishing a result: the environment, the matrix, every case with its max_abs_err beside its
-  tolerance, the fallbacks and the unsupported cases with their reasons.
+  ``unsupported`` and ``not run`` (its message starts with "not run"); the plugins not loaded are skipped test
+  cases of a ``anyaccel.conformance.plugins`` suite. CI systems render it as they render any test run.
+* Markdown is for publishing a result: the environment, the plugins not loaded, the matrix, the coverage table,
+  every case with its max_abs_err beside its tolerance, the fallbacks, the unsupported and the not-run cases with
+  their reasons.
+* The terminal prints every name and reason verbatim (escaped for rich's markup): the matrix, each failure and
+  error, a short grouped list of the reasons for the not-run, unsupported and fallback cases, the coverage table,
+  the plugins not loaded, and the summary line (:func:`summary_line`).
 """
 from __future__ import annotations
 
@@ -19,14 +29,68 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 from .cases import STATUSES, CaseResult
 
 __all__ = ["to_json", "write_json", "to_junit", "write_junit", "to_markdown", "write_markdown", "matrix",
-           "render_terminal", "cell_text", "strict_gaps"]
+           "render_terminal", "cell_text", "strict_gaps", "summary_line", "grouped_reasons", "coverage_matrix"]
 
 
 # ------------------------------------------------------------------------------------------------ matrix
 
 
 def _row_key(c: CaseResult) -> str:
+    if c.kind == "coverage":
+        return f"{c.op} (coverage)"
     return c.op or c.name
+
+
+def summary_line(report: Any) -> str:
+    """The one-line summary: every outcome count, then the plugins that did not make it into the run."""
+    s = report.summary
+    cov_err = s.get("coverage_unreached", 0)
+    err = f"{s['error']} error" + (f" ({cov_err} coverage)" if cov_err else "")
+    line = (f"{s['total']} cases: {s['pass']} pass, {s['fail']} fail, {err}, {s['unsupported']} unsupported, "
+            f"{s.get('not run', 0)} not run, {s['fallback']} via fallback")
+    line += (f"; not loaded: {s.get('unavailable_backends', 0)} unavailable backend(s), "
+             f"{s.get('quarantined_plugins', 0)} quarantined plugin(s)")
+    if s.get("not run", 0) and getattr(report, "allow_unsupported", False):
+        line += " (not-run cases allowed)"
+    return line
+
+
+def _why(c: CaseResult) -> str:
+    if c.reason:
+        return c.reason
+    if c.fallback and c.kernel:
+        native = [k for k in c.kernel.split(",") if k.startswith("native.")]
+        return f"ran on the core's fallback: {', '.join(native) or c.kernel}"
+    return "(no reason given)"
+
+
+def grouped_reasons(report: Any, which: str) -> List[Tuple[str, str, List[str], int, str]]:
+    """``[(backend, op, dtypes, count, reason)]`` of the ``which`` cases (``"not run"``, ``"unsupported"`` or
+    ``"fallback"``) grouped by backend, op and reason, largest group first."""
+    groups: "OrderedDict[Tuple[str, str, str], List[CaseResult]]" = OrderedDict()
+    for c in report.cases:
+        hit = bool(c.fallback) if which == "fallback" else c.status == which
+        if hit:
+            groups.setdefault((c.backend, c.op or c.kind, _why(c)), []).append(c)
+    out = [(b, op, list(dict.fromkeys(c.dtype for c in cs)), len(cs), why) for (b, op, why), cs in groups.items()]
+    return sorted(out, key=lambda g: -g[3])
+
+
+_Row = Tuple[str, str, str]
+
+
+def coverage_matrix(report: Any) -> Tuple[List[str], List[_Row], Dict[Tuple[_Row, str], Any]]:
+    """``(dtypes, rows, cells)`` of the coverage table: rows ``(backend, op, feature)``, each cell the
+    :class:`~anyaccel.conformance.coverage.CoverageRow` of that dtype (absent: not declared for it)."""
+    dts: "OrderedDict[str, None]" = OrderedDict()
+    rows: "OrderedDict[Tuple[str, str, str], None]" = OrderedDict()
+    cells: Dict[Tuple[Tuple[str, str, str], str], Any] = {}
+    for r in getattr(report, "coverage", ()) or ():
+        key = (r.backend, r.op, r.feature)
+        rows.setdefault(key)
+        dts.setdefault(r.dtype)
+        cells[(key, r.dtype)] = r
+    return list(dts), list(rows), cells
 
 
 def matrix(report: Any) -> Tuple[List[str], List[Tuple[str, str]], Dict[Tuple[str, Tuple[str, str]], Dict[str, int]]]:
@@ -51,13 +115,15 @@ def cell_text(cell: Optional[Dict[str, int]]) -> Tuple[str, str]:
         return "-", "dim"
     total = sum(cell[s] for s in STATUSES)
     text = f"{cell['pass']}/{total} pass"
-    extra = [f"{cell[s]} {s}" for s in ("fail", "error", "unsupported") if cell[s]]
+    extra = [f"{cell[s]} {s}" for s in ("fail", "error", "unsupported", "not run") if cell.get(s)]
     if cell["fallback"]:
         extra.append(f"{cell['fallback']} fallback")
     if extra:
         text += " (" + ", ".join(extra) + ")"
     if cell["fail"] or cell["error"]:
         style = "bold red"
+    elif cell.get("not run"):
+        style = "magenta"
     elif cell["unsupported"] or cell["fallback"]:
         style = "yellow"
     else:
@@ -80,9 +146,12 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50) -> None:
-    """Print the matrix, then every failure and error with its reason, then a one-line summary."""
+def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50, show_groups: int = 8) -> None:
+    """Print the matrix, every failure and error with its reason, the grouped reasons of the not-run, unsupported
+    and fallback cases, the coverage table, the plugins not loaded, then the summary line. Every name and reason is
+    printed verbatim (escaped: a case named ``[1, 64]`` or ``[bold]`` is text, not markup)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -90,33 +159,76 @@ def render_terminal(report: Any, console: Any = None, *, show_problems: int = 50
     table = Table(title="anyaccel conformance", show_lines=False)
     table.add_column("op", style="bold")
     for b, dt in cols:
-        table.add_column(f"{b}\n{dt}", justify="center")
+        table.add_column(escape(f"{b}\n{dt}"), justify="center")
     for r in rows:
         rendered = []
         for col in cols:
             text, style = cell_text(cells.get((r, col)))
-            rendered.append(f"[{style}]{text}[/{style}]")
-        table.add_row(r, *rendered)
+            rendered.append(f"[{style}]{escape(text)}[/{style}]")
+        table.add_row(escape(r), *rendered)
     console.print(table)
     problems = [c for c in report.cases if c.status in ("fail", "error")]
     if problems:
         console.print(f"[bold red]{len(problems)} case(s) failed or errored:[/bold red]")
         for c in problems[:show_problems]:
             err = f" max_abs_err={_fmt(c.max_abs_err)} tol={_fmt(c.tolerance)}" if c.max_abs_err is not None else ""
-            console.print(f"  [red]{c.status.upper()}[/red] {c.backend} {c.op} {c.dtype} [{c.name}]{err}",
-                          highlight=False)
-            console.print(f"      {c.reason}", highlight=False, markup=False)
+            console.print(f"  [red]{c.status.upper()}[/red] {escape(f'{c.backend} {c.op} {c.dtype} [{c.name}]{err}')}",
+                          highlight=False, soft_wrap=True)
+            console.print(f"      {escape(c.reason)}", highlight=False, soft_wrap=True)
         if len(problems) > show_problems:
             console.print(f"  ... and {len(problems) - show_problems} more (see the JSON report)")
     gaps = strict_gaps(report)
     for backend, ops in gaps.items():
         what = ", ".join(f"{op} ({', '.join(dts)})" for op, dts in ops.items())
-        console.print(f"[bold red]strict mode:[/bold red] backend '{backend}' has no kernel supporting: {what}",
-                      highlight=False)
-    s = report.summary
+        text = escape(f"backend '{backend}' has no kernel supporting: {what}")
+        console.print(f"[bold red]strict mode:[/bold red] {text}", highlight=False, soft_wrap=True)
+    for which, style in (("not run", "magenta"), ("unsupported", "yellow"), ("fallback", "yellow")):
+        groups = grouped_reasons(report, which)
+        if not groups:
+            continue
+        n = sum(g[3] for g in groups)
+        title = "via fallback" if which == "fallback" else which
+        console.print(f"[{style}]{n} case(s) {title}, by reason:[/{style}]", highlight=False, soft_wrap=True)
+        for b, op, dts, count, why in groups[:show_groups]:
+            console.print("  " + escape(f"{count} x {b} {op} ({', '.join(dts)}): {why}"), highlight=False,
+                          soft_wrap=True)
+        if len(groups) > show_groups:
+            console.print(f"  ... and {len(groups) - show_groups} more reason(s) (see the JSON or Markdown report)")
+    _render_coverage(report, console)
+    nl = report.environment.get("not_loaded", {})
+    for x in nl.get("unavailable_backends", ()):
+        console.print("[yellow]backend not available here:[/yellow] " + escape(f"{x['name']}: {x['reason']}"),
+                      highlight=False, soft_wrap=True)
+    for x in nl.get("quarantined", ()):
+        pkg = f" ({x['package']} {x['version']})".replace(" )", ")") if x.get("package") else ""
+        console.print("[bold red]plugin quarantined:[/bold red] " + escape(f"{x['name']}{pkg}: {x['error']}"),
+                      highlight=False, soft_wrap=True)
     style = "green" if report.exit_code == 0 else "bold red"
-    console.print(f"[{style}]{s['total']} cases: {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
-                  f"{s['unsupported']} unsupported, {s['fallback']} via fallback[/{style}]")
+    console.print(f"[{style}]{escape(summary_line(report))}[/{style}]", highlight=False, soft_wrap=True)
+
+
+def _render_coverage(report: Any, console: Any) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    dts, rows, cells = coverage_matrix(report)
+    if not rows:
+        return
+    t = Table(title="coverage: cases that reached the backend's own kernel, per declared feature")
+    for col in ("backend", "op", "feature", *dts):
+        t.add_column(escape(col), justify="left" if col in ("backend", "op", "feature") else "right")
+    for key in rows:
+        rendered = []
+        for dt in dts:
+            r = cells.get((key, dt))
+            if r is None:
+                rendered.append("[dim]-[/dim]")
+            elif r.reached == 0:
+                rendered.append("[bold red]0[/bold red]")
+            else:
+                rendered.append(str(r.reached))
+        t.add_row(*(escape(k) for k in key), *rendered)
+    console.print(t)
 
 
 # ------------------------------------------------------------------------------------------------ JSON
@@ -134,7 +246,8 @@ def _finite(rec: Dict[str, Any]) -> Dict[str, Any]:
 def to_json(report: Any) -> Dict[str, Any]:
     env = dict(report.environment)
     env["selections"] = list(report.selections)
-    return {"environment": env, "summary": report.summary, "cases": [_finite(c.to_json()) for c in report.cases]}
+    return {"environment": env, "summary": report.summary, "cases": [_finite(c.to_json()) for c in report.cases],
+            "coverage": [r.to_json() for r in getattr(report, "coverage", ()) or ()]}
 
 
 def _json_default(o: Any) -> Any:
@@ -167,7 +280,7 @@ def to_junit(report: Any) -> str:
     for backend, cases in by_backend.items():
         counts = {"tests": len(cases), "failures": sum(c.status == "fail" for c in cases),
                   "errors": sum(c.status == "error" for c in cases),
-                  "skipped": sum(c.status == "unsupported" for c in cases)}
+                  "skipped": sum(c.status in ("unsupported", "not run") for c in cases)}
         for k in totals:
             totals[k] += counts[k]
         suite = ET.SubElement(root, "testsuite", name=f"anyaccel.conformance.{backend}",
@@ -199,9 +312,24 @@ def to_junit(report: Any) -> str:
                 el.text = _detail(c)
             elif c.status == "unsupported":
                 ET.SubElement(tc, "skipped", message=first)
+            elif c.status == "not run":
+                ET.SubElement(tc, "skipped", message=f"not run: {first}", type="NotRun")
             elif c.fallback or c.max_abs_err is not None:
                 out = ET.SubElement(tc, "system-out")
                 out.text = _detail(c)
+    nl = report.environment.get("not_loaded", {})
+    missing = [("unavailable", x["name"], x.get("package", ""), f"backend not available here: {x['reason']}")
+               for x in nl.get("unavailable_backends", ())]
+    missing += [("quarantined", x["name"], x.get("package", ""), f"plugin quarantined: {x['error']}")
+                for x in nl.get("quarantined", ())]
+    if missing:
+        suite = ET.SubElement(root, "testsuite", name="anyaccel.conformance.plugins", tests=str(len(missing)),
+                              failures="0", errors="0", skipped=str(len(missing)), time="0.000")
+        for kind, name, pkg, why in missing:
+            tc = ET.SubElement(suite, "testcase", classname=f"anyaccel.plugins.{kind}", name=name, time="0")
+            ET.SubElement(tc, "skipped", message=why[:300]).text = f"package={pkg or '-'}\n{why}"
+        totals["tests"] += len(missing)
+        totals["skipped"] += len(missing)
     for k, v in totals.items():
         root.set(k, str(v))
     ET.indent(root)
@@ -225,8 +353,7 @@ def to_markdown(report: Any) -> str:
     s = report.summary
     out: List[str] = ["# anyaccel conformance report", ""]
     verdict = "PASS" if report.exit_code == 0 else "FAIL"
-    out += [f"**{verdict}**: {s['total']} cases, {s['pass']} pass, {s['fail']} fail, {s['error']} error, "
-            f"{s['unsupported']} unsupported, {s['fallback']} via fallback.", ""]
+    out += [f"**{verdict}**: {_md(summary_line(report))}.", ""]
     out += ["## Environment", "", "| key | value |", "|---|---|"]
     for key in ("anyaccel", "api_version", "python", "torch", "hypothesis", "platform", "machine", "cpu_count",
                 "torch_threads", "seed", "examples", "strict", "dtypes", "families", "seconds", "note"):
@@ -252,12 +379,24 @@ def to_markdown(report: Any) -> str:
             roles += [f"kernels for {n}" for n, b in backends.items() if pkg in b.get("kernel_providers", {})]
             out.append(f"| {_md(pkg)} | {_md(ver)} | {_md(', '.join(roles))} |")
         out.append("")
+    nl = env.get("not_loaded", {})
+    out += ["### Plugins not loaded", ""]
+    if nl.get("unavailable_backends") or nl.get("quarantined"):
+        out += ["| plugin | package | state | reason |", "|---|---|---|---|"]
+        out += [f"| {_md(x['name'])} | {_md(x.get('package', ''))} | unavailable | {_md(x['reason'])} |"
+                for x in nl.get("unavailable_backends", ())]
+        out += [f"| {_md(x['name'])} | {_md(x.get('package', ''))} | quarantined | {_md(x['error'])} |"
+                for x in nl.get("quarantined", ())]
+    else:
+        out.append("None: every discovered backend is available and no plugin is quarantined.")
+    out.append("")
     rows, cols, cells = matrix(report)
     out += ["## Matrix", "", "| op | " + " | ".join(f"{b} {dt}" for b, dt in cols) + " |",
             "|---|" + "---|" * len(cols)]
     for r in rows:
         out.append(f"| {_md(r)} | " + " | ".join(_md(cell_text(cells.get((r, col)))[0]) for col in cols) + " |")
     out.append("")
+    out += _coverage_md(report)
     out += _declarations(backends)
     out += ["## Cases", "", "Each case's measured `max_abs_err` beside the tolerance at the worst element "
             "(`err/tol` <= 1 passes).", "",
@@ -278,14 +417,16 @@ def to_markdown(report: Any) -> str:
     else:
         out.append("None.")
     out.append("")
-    uns = [c for c in report.cases if c.status == "unsupported"]
-    out += ["## Unsupported", ""]
-    if uns:
-        out += ["| backend | op | dtype | case | reason |", "|---|---|---|---|---|"]
-        out += [f"| {_md(c.backend)} | {_md(c.op)} | {_md(c.dtype)} | {_md(c.name)} | {_md(c.reason)} |" for c in uns]
-    else:
-        out.append("None.")
-    out.append("")
+    for title, status in (("Unsupported", "unsupported"), ("Not run", "not run")):
+        uns = [c for c in report.cases if c.status == status]
+        out += [f"## {title}", ""]
+        if uns:
+            out += ["| backend | op | dtype | case | reason |", "|---|---|---|---|---|"]
+            out += [f"| {_md(c.backend)} | {_md(c.op)} | {_md(c.dtype)} | {_md(c.name)} | {_md(c.reason)} |"
+                    for c in uns]
+        else:
+            out.append("None.")
+        out.append("")
     if report.selections:
         out += ["## Selections", "", "| backend | op | chosen | provider | fallback | cases |",
                 "|---|---|---|---|---|---|"]
@@ -293,6 +434,24 @@ def to_markdown(report: Any) -> str:
                 f"{x['fallback']} | {x['cases']} |" for x in report.selections]
         out.append("")
     return "\n".join(out)
+
+
+def _coverage_md(report: Any) -> List[str]:
+    dts, rows, cells = coverage_matrix(report)
+    if not rows:
+        return []
+    out = ["## Coverage", "", "Cases that reached the backend's own kernel (not the core's fallback), per declared "
+           "feature and dtype; `-`: the feature is not declared for that dtype; **0**: declared but never reached "
+           "(an error of the run).", "", "| backend | op | feature | " + " | ".join(dts) + " |",
+           "|---|---|---|" + "---|" * len(dts)]
+    for key in rows:
+        vals = []
+        for dt in dts:
+            r = cells.get((key, dt))
+            vals.append("-" if r is None else ("**0**" if r.reached == 0 else str(r.reached)))
+        out.append("| " + " | ".join(_md(k) for k in key) + " | " + " | ".join(vals) + " |")
+    out.append("")
+    return out
 
 
 def _ratio(c: CaseResult) -> str:

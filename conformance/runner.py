@@ -14,13 +14,25 @@ hypothesis (seeded and derandomized: the same arguments give the same cases), an
    the case is an ``error`` listing the reasons. When not even the fallback can serve it, it is ``unsupported``.
 
 A spec the core itself rejects (``InvalidArgumentError`` at build) is an ``error`` of the case. A family module
-that is missing or broken becomes an ``error`` record for that family, never a crash. Collectives are run by
-:func:`anyaccel.conformance.collectives.run_collectives` for backends that declare a ``distributed_backend``.
+that is missing or broken becomes an ``error`` record for that family, never a crash.
 
-The process exit code rule lives in :attr:`Report.exit_code`: non-zero on any ``fail`` or ``error``.
+The plan has one unit per record wherever it can know the records in advance, so the progress bar and the pytest
+plugin count every case: one unit per op case; one per (backend, model, dtype) for models; one per collective
+case (the collectives of a backend run once, in worker processes, by
+:func:`anyaccel.conformance.collectives.run_collectives`; the first unit runs them and each unit hands out its own
+record); and one ``coverage`` unit per backend after its op cases (:mod:`anyaccel.conformance.coverage`: a declared
+feature no case took to the backend's own kernel is an ``error``).
+
+Model cases that cannot run here (transformers or a checkpoint package missing) are ``not run`` with the line
+that installs what is missing. Under ``strict`` the models are built with strict selection
+(``ANYACCEL_STRICT=1`` for the model units, restored after): a model whose ops fall back is an ``error``.
+
+The process exit code rule lives in :attr:`Report.exit_code`: non-zero on any ``fail`` or ``error``, and on any
+``not run`` unless the run allows it (``allow_unsupported``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -38,12 +50,14 @@ import torch
 from ..core.backend import Backend
 from ..core.errors import InvalidArgumentError, UnsupportedError
 from ..core.validation import dtype_name
+from . import coverage as cov
 from .cases import STATUSES, CaseResult, OpCase
 from .tolerances import compare, describe_table, tolerance
 
 __all__ = [
     "OP_FAMILIES", "COLLECTIVES", "MODELS", "DEFAULT_DTYPES", "DEFAULT_EXAMPLES", "Report", "PlannedCase", "families",
-    "draw_cases", "plan", "run_case", "run", "environment", "DTYPE_ALIASES", "dtype_from_name",
+    "draw_cases", "plan", "run_case", "run", "environment", "DTYPE_ALIASES", "dtype_from_name", "COVERAGE",
+    "REFERENCE_INSTALL", "not_loaded", "model_names",
 ]
 
 #: The op families the suite knows; each is a module ``anyaccel.conformance.ops.<family>``.
@@ -52,8 +66,13 @@ OP_FAMILIES = ("gemm", "attention", "fused")
 COLLECTIVES = "collectives"
 #: Whole models against Hugging Face transformers (``anyaccel.conformance.models.run_models``).
 MODELS = "models"
+#: The per-backend unit that turns declared-but-unreached features into errors (not a family of its own).
+COVERAGE = "coverage"
+#: The line that installs every reference dependency of the model cases.
+REFERENCE_INSTALL = "pip install 'anyaccel[reference]'"
 DEFAULT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_EXAMPLES = 10
+_WORLD_SIZE = 2
 
 Progress = Callable[[int, int, str], None]
 
@@ -91,11 +110,14 @@ def families() -> List[str]:
 
 @dataclass
 class Report:
-    """The result of a run: where it ran, every case's record, and which implementations were selected."""
+    """The result of a run: where it ran, every case's record, which implementations were selected, the coverage
+    of declared features, and the plugins that did not make it into the run (``environment["not_loaded"]``)."""
 
     environment: Dict[str, Any]
     cases: List[CaseResult] = field(default_factory=list)
     selections: List[Dict[str, Any]] = field(default_factory=list)
+    coverage: List[cov.CoverageRow] = field(default_factory=list)
+    allow_unsupported: bool = False
 
     @property
     def summary(self) -> Dict[str, Any]:
@@ -107,13 +129,22 @@ class Report:
             b = by_backend.setdefault(c.backend, {s: 0 for s in STATUSES})
             b[c.status] = b.get(c.status, 0) + 1
             fallbacks += bool(c.fallback)
+        nl = self.environment.get("not_loaded", {})
         return {"total": len(self.cases), **counts, "fallback": fallbacks, "by_backend": by_backend,
+                "coverage_unreached": sum(c.kind == cov.COVERAGE_KIND and c.status == "error" for c in self.cases),
+                "unavailable_backends": len(nl.get("unavailable_backends", ())),
+                "quarantined_plugins": len(nl.get("quarantined", ())),
                 "exit_code": self.exit_code}
 
     @property
     def exit_code(self) -> int:
-        """0 when no case failed or errored, else 1."""
-        return 1 if any(c.status in ("fail", "error") for c in self.cases) else 0
+        """1 when a case failed or errored, or when a case could not run (``not run``) and the run does not allow
+        it; else 0."""
+        if any(c.status in ("fail", "error") for c in self.cases):
+            return 1
+        if not self.allow_unsupported and any(c.status == "not run" for c in self.cases):
+            return 1
+        return 0
 
     @property
     def ok(self) -> bool:
@@ -126,6 +157,24 @@ class Report:
         from .report import to_json
 
         return to_json(self)
+
+
+def not_loaded(registry: Any = None) -> Dict[str, List[Dict[str, str]]]:
+    """The plugins that are not part of a run: backends registered but unavailable here (with why) and plugins
+    quarantined at discovery (with their error). Read from the plugin registry's public surface."""
+    if registry is None:
+        try:
+            from ..plugins import get_registry
+
+            registry = get_registry()
+        except Exception as e:  # discovery itself broke: that is the one thing to report
+            return {"unavailable_backends": [], "quarantined": [
+                {"name": "(plugin discovery)", "error": _one_line(e), "package": "", "version": ""}]}
+    unavailable = [{"name": b.name, "reason": str(b.reason or ""), "package": str(b.package or "")}
+                   for b in getattr(registry, "backends", {}).values() if not b.available]
+    quarantined = [{"name": str(q.name), "error": str(q.error), "package": str(getattr(q, "package", "") or ""),
+                    "version": str(getattr(q, "version", "") or "")} for q in getattr(registry, "quarantined", ())]
+    return {"unavailable_backends": unavailable, "quarantined": quarantined}
 
 
 def environment(backends: Sequence[Backend] = ()) -> Dict[str, Any]:
@@ -272,11 +321,28 @@ def _case_seed(seed: int, family: str, name: str) -> int:
     return zlib.crc32(f"{seed}|{family}|{name}".encode()) & 0x7FFFFFFF
 
 
+class _Shared:
+    """What the units of one plan share: each backend's collectives records (run once, handed out per case), the
+    tiny models' references (built once per model), and each backend's op records and coverage rows."""
+
+    def __init__(self) -> None:
+        self.collectives: Dict[str, Dict[Tuple[str, str], CaseResult]] = {}
+        self.collectives_failed: Dict[str, List[CaseResult]] = {}
+        self.collective_keys: Dict[str, List[Tuple[str, str]]] = {}
+        self.references: Dict[str, Any] = {}
+        self.op_records: Dict[str, List[CaseResult]] = {}
+        self.op_units: Dict[str, int] = {}
+        self.op_names: Dict[str, List[str]] = {}
+        self.coverage: Dict[str, List[cov.CoverageRow]] = {}
+
+
 @dataclass
 class PlannedCase:
-    """One unit of work: an op case, a family that could not produce cases, or a backend's collectives.
+    """One unit of work: an op case, a family that could not produce cases, one (model, dtype), one collective
+    case, or a backend's coverage check.
 
-    ``run()`` returns the records it produced (one for an op case). The pytest plugin turns each into a test.
+    ``run()`` returns the records it produced (one for an op case or a collective case; the checks of a model in
+    one dtype). The pytest plugin turns each unit into a test item.
     """
 
     backend: Backend
@@ -290,21 +356,40 @@ class PlannedCase:
     dtypes: Tuple[torch.dtype, ...] = ()
     timeout: float = 120.0
     models: Optional[Tuple[str, ...]] = None
+    model: str = ""
+    key: Optional[Tuple[str, str]] = None
+    shared: Optional[_Shared] = field(default=None, repr=False)
+    #: why ``run()`` returned no record (the coverage unit of a partial run); the pytest plugin skips with it
+    note: str = ""
 
     @property
     def id(self) -> str:
         dt = dtype_name(self.dtype) if self.dtype is not None else "all"
+        if self.key is not None:
+            dt = self.key[1]
         return f"{self.backend.name}-{self.family}-{dt}-{self.name}"
 
     def run(self) -> List[CaseResult]:
         dt = dtype_name(self.dtype) if self.dtype is not None else "all"
         if self.error:
-            return [CaseResult(self.backend.name, "op", self.name, dt, "error", reason=self.error, op=self.family)]
+            kind = {COLLECTIVES: "collective", MODELS: "model"}.get(self.family, "op")
+            return [CaseResult(self.backend.name, kind, self.name, dt, "error", reason=self.error, op=self.family)]
         if self.case is not None:
-            return [run_case(self.backend, self.case, strict=self.strict, seed=self.seed)]
+            res = run_case(self.backend, self.case, strict=self.strict, seed=self.seed)
+            if self.shared is not None:
+                self.shared.op_records.setdefault(self.backend.name, []).append(res)
+            return [res]
         if self.family == MODELS:
+            if self.model:
+                return _run_model_unit(self)
             return _run_models(self.backend, self.dtypes, self.models)
-        return _run_collectives(self.backend, self.dtypes, self.timeout)
+        if self.family == COLLECTIVES:
+            if self.key is not None:
+                return _run_collective_unit(self)
+            return _run_collectives(self.backend, self.dtypes, self.timeout)
+        if self.family == COVERAGE:
+            return _run_coverage_unit(self)
+        raise ValueError(f"planned unit {self.id!r} has nothing to run")
 
 
 def _family_module(family: str) -> Any:
@@ -363,19 +448,68 @@ def _plan_family(backend: Backend, family: str, dtype: torch.dtype, examples: in
 
 def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
          families: Optional[Sequence[str]] = None, *, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
-         strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None) -> List[PlannedCase]:
-    """Every unit of work of a run, in order (backend, family, dtype, case)."""
+         strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None,
+         check_coverage: bool = False) -> List[PlannedCase]:
+    """Every unit of work of a run, in order: per backend, each family's units (op cases per dtype; collective
+    cases; (model, dtype) pairs), then, with ``check_coverage``, the backend's coverage unit when an op family
+    ran."""
     fams = list(families) if families else families_default()
+    shared = _Shared()
     out: List[PlannedCase] = []
     for b in backends:
+        mine: List[PlannedCase] = []
         for fam in fams:
-            if fam in (COLLECTIVES, MODELS):
-                out.append(PlannedCase(b, fam, None, fam, dtypes=tuple(dtypes), strict=strict, timeout=timeout,
-                                       models=tuple(models) if models else None))
-                continue
-            for dt in dtypes:
-                out.extend(_plan_family(b, fam, dt, examples, seed, strict))
+            if fam == COLLECTIVES:
+                mine.extend(_plan_collectives(b, tuple(dtypes), strict, timeout, shared))
+            elif fam == MODELS:
+                mine.extend(_plan_models(b, tuple(dtypes), strict, models, shared))
+            else:
+                for dt in dtypes:
+                    for u in _plan_family(b, fam, dt, examples, seed, strict):
+                        u.shared = shared
+                        mine.append(u)
+        op_units = [u for u in mine if u.case is not None]
+        shared.op_units[b.name] = len(op_units)
+        shared.op_names[b.name] = list(dict.fromkeys(u.case.op_name for u in op_units))  # type: ignore[union-attr]
+        out.extend(mine)
+        if op_units and check_coverage:
+            out.append(PlannedCase(b, COVERAGE, None, "declared features reached", dtypes=tuple(dtypes),
+                                   strict=strict, shared=shared))
     return out
+
+
+def _plan_collectives(b: Backend, dtypes: Tuple[torch.dtype, ...], strict: bool, timeout: float,
+                      shared: _Shared) -> List[PlannedCase]:
+    """One unit per (collective case, dtype), in the order :func:`run_collectives` reports them."""
+    try:
+        mod = importlib.import_module(f"{__package__}.collectives")
+        cases = list(mod.collective_cases(_WORLD_SIZE))
+    except Exception as e:  # the whole family as one unit: its record says why
+        return [PlannedCase(b, COLLECTIVES, None, COLLECTIVES, dtypes=dtypes, strict=strict, timeout=timeout,
+                            error=f"import of anyaccel.conformance.collectives failed: {_one_line(e)}")]
+    units = []
+    for dt in dtypes:
+        for c in cases:
+            if getattr(c, "dtype_free", False) and dt != dtypes[0]:
+                continue
+            key = (c.name, "-" if getattr(c, "dtype_free", False) else dtype_name(dt))
+            units.append(PlannedCase(b, COLLECTIVES, None, c.name, dtypes=dtypes, strict=strict, timeout=timeout,
+                                     key=key, shared=shared))
+    shared.collective_keys[b.name] = [u.key for u in units if u.key is not None]
+    return units
+
+
+def _plan_models(b: Backend, dtypes: Tuple[torch.dtype, ...], strict: bool, models: Optional[Sequence[str]],
+                 shared: _Shared) -> List[PlannedCase]:
+    """One unit per (model, dtype): the built-in tiny families, then the real checkpoints."""
+    try:
+        names = model_names()
+    except Exception as e:
+        return [PlannedCase(b, MODELS, None, MODELS, dtypes=dtypes, strict=strict,
+                            error=f"import of the model conformance modules failed: {_one_line(e)}")]
+    wanted = [m for m in names if models is None or m in models]
+    return [PlannedCase(b, MODELS, dt, m, dtypes=(dt,), strict=strict, model=m, shared=shared)
+            for m in wanted for dt in dtypes]
 
 
 def families_default() -> List[str]:
@@ -386,6 +520,11 @@ def run_case(backend: Backend, case: OpCase, *, strict: bool = False, seed: int 
     """Run one op case on ``backend`` and judge it (see the module docstring for the rules)."""
     t0 = time.perf_counter()
     res = CaseResult(backend.name, "op", case.name, dtype_name(case.dtype), "error", op=case.op_name)
+    try:
+        res.features = cov.case_features(case)  # refined from the inputs once they are made
+    except Exception as e:  # a spec the feature rules cannot read is the case's error, not the run's
+        res.reason = f"coverage: the case's features are unreadable: {_one_line(e)}"
+        return res
     try:
         _judge(backend, case, strict, seed, res)
     except Exception as e:  # the runner never dies on a case
@@ -468,6 +607,7 @@ def _execute(case: OpCase, op: Any, backend: Backend, seed: int, res: CaseResult
     except Exception as e:
         res.status, res.reason = "error", f"the case's make() raised {_one_line(e)}{_where(e)}"
         return
+    res.features = cov.case_features(case, inputs)
     try:
         outs = case.call(op, inputs)
     except Exception as e:
@@ -553,6 +693,161 @@ def _run_models(backend: Backend, dtypes: Sequence[torch.dtype],
     return results
 
 
+def _run_collective_unit(u: PlannedCase) -> List[CaseResult]:
+    """This unit's record of its backend's collectives, running them (once per backend) if no unit did yet."""
+    sh, name = u.shared, u.backend.name
+    assert sh is not None and u.key is not None
+    extra: List[CaseResult] = []
+    if name not in sh.collectives:
+        recs = _run_collectives(u.backend, u.dtypes, u.timeout)
+        table: Dict[Tuple[str, str], CaseResult] = {}
+        rest: List[CaseResult] = []
+        for r in recs:
+            if (r.name, r.dtype) in table:
+                rest.append(r)
+            else:
+                table[(r.name, r.dtype)] = r
+        sh.collectives[name] = table
+        sh.collectives_failed[name] = [r for r in table.values() if r.dtype == "all"]
+        planned = set(sh.collective_keys.get(name, ()))
+        # records the plan did not expect are handed out with the first unit, never dropped
+        extra = rest + [r for k, r in table.items() if k[1] != "all" and k not in planned]
+    rec = sh.collectives[name].get(u.key)
+    if rec is None:
+        whole = sh.collectives_failed.get(name, [])
+        if whole:  # the family failed (or is unsupported) as a whole: every case says so
+            rec = dataclasses.replace(whole[0], name=u.key[0], dtype=u.key[1])
+        else:
+            rec = CaseResult(name, "collective", u.key[0], u.key[1], "error", op="collectives",
+                             reason="run_collectives returned no record for this case")
+    return [rec, *extra]
+
+
+def _reference_missing(modules: Sequence[str]) -> str:
+    """One line naming the reference packages that cannot be imported and how to install them ("" when none)."""
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(m)
+    if not missing:
+        return ""
+    return (f"reference dependency missing: {', '.join(missing)} cannot be imported (model cases compare against "
+            f"it); install it with: {REFERENCE_INSTALL}")
+
+
+class _StrictEnv:
+    """Sets ``ANYACCEL_STRICT`` for a model build (what ``core.dispatch.strict_default`` reads), restores it after."""
+
+    def __init__(self, strict: bool) -> None:
+        self.value = "1" if strict else "0"
+        self.saved: Optional[str] = None
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("ANYACCEL_STRICT")
+        os.environ["ANYACCEL_STRICT"] = self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            os.environ.pop("ANYACCEL_STRICT", None)
+        else:
+            os.environ["ANYACCEL_STRICT"] = self.saved
+
+
+def _strict_models(recs: List[CaseResult], strict: bool) -> List[CaseResult]:
+    """Under strict, a model that could not be built without a fallback, or ran ops on one, is an ``error``."""
+    if not strict:
+        return recs
+    for r in recs:
+        if r.status == "unsupported" and "StrictModeError" in r.reason:
+            r.status, r.reason = "error", f"strict mode: the model needs the core's fallback: {r.reason}"
+        elif r.fallback and r.status in ("pass", "fail"):
+            native = [k for k in r.kernel.split(",") if k.startswith("native.")]
+            r.status, r.reason = "error", (f"strict mode: the model ran ops on the core's fallback "
+                                           f"({', '.join(native) or r.kernel}); {r.reason}".rstrip("; "))
+    return recs
+
+
+def _run_model_unit(u: PlannedCase) -> List[CaseResult]:
+    """The records of one (backend, model, dtype): ``not run`` when a reference dependency or the checkpoint is
+    missing; the model's checks otherwise (strict selection under ``strict``)."""
+    from . import models as tiny, real_models
+    from ..models import real
+
+    b, m = u.backend, u.model
+    assert u.dtype is not None
+    dn = dtype_name(u.dtype)
+
+    def one(status: str, reason: str) -> List[CaseResult]:
+        return [CaseResult(b.name, "model", f"{m} (every check)", dn, status, reason=reason, op="model")]
+
+    try:
+        if m in tiny.TINY_CONFIGS:
+            why = _reference_missing(("transformers",))
+            if why:
+                return one("not run", why)
+            sh = u.shared
+            hf = sh.references.get(m) if sh is not None else None
+            if hf is None:
+                try:
+                    hf = tiny.make_reference(tiny.TINY_CONFIGS[m], seed=0)
+                except ImportError as e:
+                    return one("not run", f"the reference cannot be built: {_one_line(e)}; install it with: "
+                                          f"{REFERENCE_INSTALL}")
+                except Exception as e:
+                    return one("error", f"transformers cannot build the reference of {m}: {_one_line(e)}"
+                                        f"{_where(e)}")
+                if sh is not None:
+                    sh.references[m] = hf
+            model = None
+            if u.strict:  # build with strict selection: a fallback is refused before any check runs
+                from ..models import build_model
+
+                try:
+                    model = build_model(hf, b, u.dtype, strict=True)
+                except UnsupportedError as e:
+                    return one("error", f"strict mode: the model needs the core's fallback: {_one_line(e)}")
+                except Exception:  # any other build failure is reported by the checks' own build record
+                    model = None
+            with _StrictEnv(u.strict):
+                if model is None:
+                    recs = list(tiny.run_model_checks(b, m, u.dtype, hf=hf))
+                else:
+                    recs = list(tiny.run_model_checks(b, m, u.dtype, hf=hf, model=model))
+        else:
+            ck = real.locate(m)
+            if isinstance(ck, real.Missing):
+                return one("not run", f"checkpoint missing: {ck.reason}")
+            why = _reference_missing(("transformers", "gguf", "accelerate") if ck.kind == "gguf"
+                                     else ("transformers",))
+            if why:
+                return one("not run", why)
+            with _StrictEnv(u.strict):
+                recs = list(real_models.run_real_models(b, (u.dtype,), models=[m]))
+    except Exception as e:  # the runner never dies on a unit
+        return one("error", f"model checks raised {_one_line(e)}{_where(e)}")
+    if not recs or not all(isinstance(r, CaseResult) for r in recs):
+        return one("error", "the model checks returned no CaseResult records")
+    return _strict_models(recs, u.strict)
+
+
+def _run_coverage_unit(u: PlannedCase) -> List[CaseResult]:
+    """The backend's coverage rows (kept for the report) and an ``error`` per declared feature no case reached;
+    nothing (with ``note`` saying why) when not every op case of the backend ran (a filtered pytest run)."""
+    sh, b = u.shared, u.backend
+    assert sh is not None
+    recs = sh.op_records.get(b.name, [])
+    expected = sh.op_units.get(b.name, 0)
+    if len(recs) < expected:
+        u.note = (f"coverage of backend '{b.name}' needs all its {expected} op cases; only {len(recs)} ran "
+                  f"(a filtered run)")
+        return []
+    rows = cov.coverage_table(b, recs, u.dtypes, ops=sh.op_names.get(b.name))
+    sh.coverage[b.name] = rows
+    return cov.coverage_errors(rows)
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 
@@ -593,7 +888,8 @@ def _selection_table(results: Sequence[CaseResult]) -> List[Dict[str, Any]]:
 def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
         families: Optional[Sequence[str]] = None, strict: bool = False, examples: int = DEFAULT_EXAMPLES,
         seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0,
-        models: Optional[Sequence[str]] = None) -> Report:
+        models: Optional[Sequence[str]] = None, allow_unsupported: bool = False,
+        check_coverage: bool = False) -> Report:
     """Run the suite and return the :class:`Report`.
 
     :param backends: :class:`Backend` objects or names (looked up in the plugin registry); each must be available.
@@ -605,14 +901,21 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
     :param progress: ``progress(done, total, label)``, called once with ``done=0`` and after each unit.
     :param timeout: seconds allowed to the collectives of one backend.
     :param models: model names for the ``models`` family (see :func:`model_names`); ``None`` means all.
+    :param allow_unsupported: a case that could not run here (``not run``: a reference dependency or a checkpoint
+        missing) does not make the exit code non-zero.
+    :param check_coverage: a declared feature no case took to the backend's own kernel is an ``error`` record of
+        kind ``"coverage"`` (``anyaccel conformance`` and the pytest plugin turn this on). The coverage table is in
+        the report either way.
     """
     bs = _resolve(backends)
     dts = tuple(dtypes)
     t0 = time.perf_counter()
-    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models)
+    work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models,
+                check_coverage=check_coverage)
     env = environment(bs)
     env.update({"seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
                 "families": list(families) if families else families_default(),
+                "allow_unsupported": allow_unsupported, "check_coverage": check_coverage, "not_loaded": not_loaded(),
                 "tolerances": describe_table()})
     if env.get("hypothesis") is None and examples > 0:
         env["note"] = "hypothesis is not installed: only the fixed cases ran"
@@ -625,4 +928,12 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
         if progress is not None:
             progress(i + 1, total, item.id)
     env["seconds"] = round(time.perf_counter() - t0, 3)
-    return Report(environment=env, cases=results, selections=_selection_table(results))
+    shared = next((u.shared for u in work if u.shared is not None), None)
+    rows: List[cov.CoverageRow] = []
+    for b in bs:
+        if shared is not None and b.name in shared.coverage:
+            rows += shared.coverage[b.name]
+        elif shared is not None and shared.op_names.get(b.name):
+            rows += cov.coverage_table(b, shared.op_records.get(b.name, []), dts, ops=shared.op_names[b.name])
+    return Report(environment=env, cases=results, selections=_selection_table(results), coverage=rows,
+                  allow_unsupported=allow_unsupported)

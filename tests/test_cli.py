@@ -94,15 +94,19 @@ def test_conformance_writes_reports_and_exits_zero(tmp_path):
     j, x, m = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.md"
     r = _run("conformance", "--backend", "cpu", "--family", "gemm", "--dtype", "fp32", "--dtype", "bf16",
              "--examples", "2", "--json", str(j), "--junit", str(x), "--markdown", str(m))
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     data = json.loads(j.read_text())
-    assert set(data) == {"environment", "summary", "cases"}
+    assert set(data) == {"environment", "summary", "cases", "coverage"}
+    # the exit status is the report's: 0 unless a declared feature went unreached (a coverage error)
+    assert r.returncode == data["summary"]["exit_code"] == (1 if data["summary"]["coverage_unreached"] else 0)
     assert data["summary"]["fail"] == 0 and data["summary"]["total"] == len(data["cases"]) > 10
     assert {c["dtype"] for c in data["cases"]} == {"float32", "bfloat16"}
-    assert {c["status"] for c in data["cases"]} == {"pass"}
-    assert ET.parse(x).getroot().get("tests") == str(len(data["cases"]))
-    assert "## Matrix" in m.read_text()
-    assert "pass" in r.stdout and "gemm" in r.stdout
+    assert {c["status"] for c in data["cases"] if c["kind"] != "coverage"} == {"pass"}
+    assert {(r["feature"], r["dtype"]) for r in data["coverage"]} >= {("bias", "float32"), ("no bias", "bfloat16")}
+    tests = len(data["cases"]) + sum(len(v) for v in data["environment"]["not_loaded"].values())
+    assert ET.parse(x).getroot().get("tests") == str(tests)
+    assert "## Matrix" in m.read_text() and "## Coverage" in m.read_text()
+    assert "pass" in r.stdout and "gemm" in r.stdout and "coverage: cases that reached" in r.stdout
 
 
 def test_conformance_bad_dtype_is_one_line_exit_2():
@@ -192,3 +196,35 @@ def test_explain_and_backends_name_the_kernel_provider_that_overrides(monkeypatc
     assert cli.main(["backends"]) == 0
     table = capsys.readouterr().out
     assert "kernel providers" in table and "turbo-pkg" in table
+
+
+def test_conformance_help_lists_families_and_the_opt_out():
+    from anyaccel.conformance.runner import families
+
+    r = _run("conformance", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert all(f in text for f in families()) and "collectives, models" in text
+    assert "--allow-unsupported" in text and "pip install 'anyaccel[reference]'" in text
+    assert "not run" in text and "coverage" in text
+
+
+_NO_TRANSFORMERS = ("import sys; sys.modules['transformers'] = None; from anyaccel.cli import main; "
+                    "raise SystemExit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_conformance_without_transformers_exits_non_zero_with_one_install_line(quiet):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
+    args = ["conformance", "--backend", "cpu", "--model", "llama", "--model", "gpt2", "--dtype", "fp32",
+            *(["--quiet"] if quiet else [])]
+    r = subprocess.run([sys.executable, "-c", _NO_TRANSFORMERS, *args], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "pip install 'anyaccel[reference]'" in ln]
+    assert len(lines) == 1 and "transformers" in lines[0], r.stdout
+    assert "2 not run" in r.stdout
+    ok = subprocess.run([sys.executable, "-c", _NO_TRANSFORMERS, *args, "--allow-unsupported"], capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2 not run" in ok.stdout and "(not-run cases allowed)" in ok.stdout

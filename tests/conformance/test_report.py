@@ -11,6 +11,7 @@ import torch
 
 from anyaccel.conformance import report as rp
 from anyaccel.conformance.cases import CaseResult
+from anyaccel.conformance.coverage import CoverageRow
 from anyaccel.conformance.runner import Report, environment
 from anyaccel.conformance.tolerances import TABLE, compare, tolerance
 
@@ -34,11 +35,110 @@ def rep() -> Report:
                                "fallback": True, "cases": 1, "example_spec": "gemm(...)", "rejected": []}])
 
 
+_NOT_LOADED = {"unavailable_backends": [{"name": "zeta", "reason": "no zeta chip found", "package": "zeta-pkg"}],
+               "quarantined": [{"name": "broken", "error": "ImportError: no module named broken_kernels",
+                                "package": "broken-pkg", "version": "0.1"}]}
+
+
+@pytest.fixture
+def full() -> Report:
+    """Every outcome, a name rich would read as markup, plugins not loaded, and a coverage table with a gap."""
+    install = "reference dependency missing: transformers cannot be imported; install it with: " \
+              "pip install 'anyaccel[reference]'"
+    cases = [
+        CaseResult("acme", "op", "[bold]x=[1, 2] N=3", "float32", "pass", 0.0, 1e-5, op="gemm", kernel="acme.gemm",
+                   features=("no bias",)),
+        CaseResult("acme", "op", "odd [1, 64]", "float32", "fail", 0.5, 1e-5, reason="bad [red]row[/red]", op="gemm"),
+        CaseResult("acme", "op", "fb", "bfloat16", "pass", 0.0, 1e-2, reason="fallback: acme.gemm: dtype bfloat16 "
+                   "not in supported dtypes", op="gemm", fallback=True, kernel="native.gemm"),
+        CaseResult("acme", "op", "fb2", "bfloat16", "pass", 0.0, 1e-2, reason="fallback: acme.gemm: dtype bfloat16 "
+                   "not in supported dtypes", op="gemm", fallback=True, kernel="native.gemm"),
+        CaseResult("acme", "collective", "all_gather", "float32", "unsupported", reason="declares no transport",
+                   op="all_gather"),
+        CaseResult("acme", "model", "llama (every check)", "float32", "not run", reason=install, op="model"),
+        CaseResult("acme", "model", "gpt2 (every check)", "float32", "not run", reason=install, op="model"),
+        CaseResult("acme", "coverage", "gemm bias", "float32", "error", reason="declared by acme.gemm but no case "
+                   "reached the backend's own kernel", op="gemm", features=("bias",)),
+    ]
+    env = {**environment(()), "not_loaded": _NOT_LOADED}
+    rows = [CoverageRow("acme", "gemm", "bias", "float32", 0, 0, 0, ("acme.gemm",)),
+            CoverageRow("acme", "gemm", "no bias", "float32", 1, 0, 0, ("acme.gemm",))]
+    return Report(environment=env, cases=cases, coverage=rows)
+
+
+def _terminal(report: Report) -> str:
+    from rich.console import Console
+
+    buf = io.StringIO()
+    rp.render_terminal(report, Console(file=buf, width=250, color_system=None))
+    return buf.getvalue()
+
+
+def test_summary_line_counts_every_outcome_and_the_plugins_not_loaded(full):
+    line = rp.summary_line(full)
+    assert line == ("8 cases: 3 pass, 1 fail, 1 error (1 coverage), 1 unsupported, 2 not run, 2 via fallback; "
+                    "not loaded: 1 unavailable backend(s), 1 quarantined plugin(s)")
+    assert full.summary["not run"] == 2 and full.summary["quarantined_plugins"] == 1
+
+
+def test_not_run_alone_fails_the_exit_code_unless_allowed(full):
+    only = Report(environment=full.environment, cases=[c for c in full.cases if c.status in ("pass", "not run")
+                                                       and not c.fallback])
+    assert only.exit_code == 1
+    only.allow_unsupported = True
+    assert only.exit_code == 0 and "(not-run cases allowed)" in rp.summary_line(only)
+
+
+def test_terminal_prints_names_verbatim_and_groups_the_reasons(full):
+    out = _terminal(full)
+    assert "odd [1, 64]" in out and "bad [red]row[/red]" in out  # not eaten as markup
+    assert "2 case(s) not run, by reason:" in out
+    assert out.count("pip install 'anyaccel[reference]'") == 1  # two cases, one grouped line
+    assert "2 x acme model (float32): reference dependency missing" in out
+    assert "1 case(s) unsupported, by reason:" in out and "declares no transport" in out
+    assert "2 case(s) via fallback, by reason:" in out and "dtype bfloat16 not in supported dtypes" in out
+    assert "backend not available here: zeta: no zeta chip found" in out
+    assert "plugin quarantined: broken (broken-pkg 0.1): ImportError: no module named broken_kernels" in out
+    assert "coverage: cases that reached" in out and "no bias" in out
+    assert rp.summary_line(full) in out
+
+
+def test_terminal_escapes_a_bold_markup_name():
+    rep = Report(environment=environment(()), cases=[
+        CaseResult("acme", "op", "[bold]x=[1, 2]", "float32", "error", reason="[bold] kept", op="[bold]gemm")])
+    out = _terminal(rep)
+    assert "[[bold]x=[1, 2]]" in out and "[bold] kept" in out and "[bold]gemm" in out
+
+
+def test_every_report_has_not_run_coverage_and_plugins_not_loaded(full, tmp_path):
+    data = rp.to_json(full)
+    assert set(data) == {"environment", "summary", "cases", "coverage"}
+    assert data["environment"]["not_loaded"] == _NOT_LOADED
+    assert data["summary"]["not run"] == 2 and data["summary"]["unavailable_backends"] == 1
+    assert data["coverage"][0] == {"backend": "acme", "op": "gemm", "feature": "bias", "dtype": "float32",
+                                   "reached": 0, "fallback": 0, "other": 0, "declared_by": ["acme.gemm"],
+                                   "fallback_reason": ""}
+    assert data["cases"][0]["features"] == ["no bias"]
+    md = rp.to_markdown(full)
+    for needle in ("## Not run", "## Coverage", "| acme | gemm | bias | **0** |", "| acme | gemm | no bias | 1 |",
+                   "### Plugins not loaded", "| zeta | zeta-pkg | unavailable | no zeta chip found |",
+                   "| broken | broken-pkg | quarantined |", "2 not run", "gemm (coverage)"):
+        assert needle in md, needle
+    root = ET.fromstring(rp.to_junit(full))
+    assert root.get("tests") == "10" and root.get("skipped") == "5"  # 8 cases + 2 plugins; 1 + 2 + 2 skipped
+    suites = {s.get("name"): s for s in root.iter("testsuite")}
+    plugins = suites["anyaccel.conformance.plugins"]
+    assert {tc.get("name") for tc in plugins.iter("testcase")} == {"zeta", "broken"}
+    acme = {tc.get("name"): tc for tc in suites["anyaccel.conformance.acme"].iter("testcase")}
+    assert acme["llama (every check)"].find("skipped").get("message").startswith("not run: reference dependency")
+    assert acme["gemm bias"].find("error") is not None
+
+
 def test_json_has_exactly_the_schema(rep, tmp_path):
     path = tmp_path / "r.json"
     rp.write_json(rep, str(path))
     data = json.loads(path.read_text())  # strict JSON: no Infinity
-    assert set(data) == {"environment", "summary", "cases"}
+    assert set(data) == {"environment", "summary", "cases", "coverage"}
     assert data["summary"]["total"] == 6 and data["summary"]["fail"] == 2 and data["summary"]["error"] == 1
     assert data["summary"]["exit_code"] == 1
     keys = {"backend", "kind", "name", "dtype", "status", "max_abs_err", "tolerance", "reason"}
@@ -78,12 +178,14 @@ def test_terminal_matrix_cells_and_problem_list(rep):
     assert "1/2 pass (1 fail)" in out and "1/1 pass (1 fallback)" in out
     assert "0/1 pass (1 error)" in out
     assert "boom" in out and "3/10 elements outside" in out
-    assert "6 cases: 2 pass, 2 fail, 1 error, 1 unsupported" in out
+    assert "6 cases: 2 pass, 2 fail, 1 error, 1 unsupported, 0 not run, 1 via fallback" in out
+    assert "[decode M=1]" not in out and "[paged <&>]" in out  # names verbatim, brackets included
 
 
 def test_cell_styles():
-    ok = {"pass": 3, "fail": 0, "unsupported": 0, "error": 0, "fallback": 0}
+    ok = {"pass": 3, "fail": 0, "unsupported": 0, "error": 0, "not run": 0, "fallback": 0}
     assert rp.cell_text(ok) == ("3/3 pass", "green")
+    assert rp.cell_text({**ok, "not run": 2}) == ("3/5 pass (2 not run)", "magenta")
     assert rp.cell_text({**ok, "fallback": 1})[1] == "yellow"
     assert rp.cell_text({**ok, "error": 1})[1] == "bold red"
 
