@@ -254,3 +254,23 @@ def test_documented_kernel_contract_is_what_the_core_passes(gen, op_id):
             written = [_storage(got[i]) for i in outputs if got[i] is not None]
             assert written and set(written) <= {_storage(t) for t in results}, (
                 f"{op_id}: documented outputs {contract.outputs} are not what the op hands back")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_into_the_reference_point_at_existing_headings(reference):
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", reference, re.M)}
+    links = [(doc.name, a) for doc in (ROOT / "docs").glob("*.md")
+             for a in re.findall(r"op-reference\.md#([\w-]+)", doc.read_text())]
+    assert links, "no doc links into op-reference.md any more"
+    broken = [link for link in links if link[1] not in anchors]
+    assert not broken, f"links to missing headings of op-reference.md: {broken}"
+
+
+def test_the_backend_guide_names_every_conformance_family():
+    guide = (ROOT / "docs" / "writing-a-backend.md").read_text()
+    missing = [f for f in runner.families() if f"`{f}`" not in guide]
+    assert not missing, f"docs/writing-a-backend.md does not name the families {missing}"
