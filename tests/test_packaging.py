@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
+import subprocess
+import tempfile
 import tomllib
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,3 +38,70 @@ def test_nothing_but_anyaccel_is_installed_at_top_level():
 def test_builtin_backends_are_registered_through_the_public_entry_point_group():
     eps = _pyproject()["project"]["entry-points"]["anyaccel.plugins"]
     assert {"cpu", "cuda", "rocm"} <= set(eps)
+
+
+# -- the two README commands use two environments ---------------------------------------------------------------
+# `make test` installs the example plugin packages; discovery loads every installed plugin, so in the environment
+# `make conformance` uses they would add the `example` backend to every run and a kernel provider to `explain`.
+
+EXAMPLES = ("examples/acme-anyaccel", "examples/fastnorm-anyaccel")
+
+
+def _make_dry_run(target: str, **variables: str) -> list:
+    """The commands ``make TARGET`` would run in a fresh clone (``make -n``, nothing built), one per line."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed here; the Makefile is exercised by .ci/run instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        # a scratch copy of what the recipes read, so no venv of this checkout makes a target up to date
+        for name in ("Makefile", "pyproject.toml"):
+            shutil.copy(ROOT / name, tmp)
+        args = ["make", "-n", "--no-print-directory", "-C", tmp, target, *(f"{k}={v}" for k, v in variables.items())]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()]
+
+
+def _venv_of(line: str) -> str:
+    """The venv folder a pip/pytest/anyaccel command line runs in (``X`` of ``X/bin/...``), else ''."""
+    head = line.split()[0]
+    return head.split("/bin/")[0] if "/bin/" in head else ""
+
+
+def test_make_test_installs_the_examples_into_its_own_venv_only():
+    test_cmds = _make_dry_run("test")
+    conf_cmds = _make_dry_run("conformance")
+    installs = [c for c in test_cmds if any(e in c for e in EXAMPLES)]
+    assert installs, "make test no longer installs the example plugin packages the tests need:\n" + "\n".join(test_cmds)
+    test_venvs = {_venv_of(c) for c in installs}
+    conf_venvs = {_venv_of(c) for c in conf_cmds if _venv_of(c)}
+    assert conf_venvs, "make conformance runs no command inside a venv:\n" + "\n".join(conf_cmds)
+    assert not test_venvs & conf_venvs, (
+        f"make test installs the example plugins into {sorted(test_venvs)}, which make conformance also uses "
+        f"({sorted(conf_venvs)}): a later conformance run would test the example backend too")
+    assert not any(e in c for c in conf_cmds for e in EXAMPLES), "make conformance installs the example plugins"
+    # pytest runs where the examples are
+    pytest_venvs = {_venv_of(c) for c in test_cmds if " -m pytest" in c}
+    assert pytest_venvs == test_venvs, (pytest_venvs, test_venvs)
+
+
+def test_make_variables_keep_the_two_venvs_apart():
+    """Overriding the venv names on the command line still keeps them apart (they are variables, not literals)."""
+    cmds = _make_dry_run("test", VENV="envA", TEST_VENV="envB")
+    assert all(_venv_of(c) in ("", "envB") for c in cmds), "\n".join(cmds)
+
+
+def test_both_venvs_are_ignored_by_git_and_cleaned():
+    ignored = {line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()}
+    assert {".venv/", ".venv-test/"} <= ignored
+    clean = _make_dry_run("clean")
+    assert any(".venv-test" in c and ".venv " in c + " " for c in clean), clean
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.splitlines() if line.strip()]
+    assert commands == ["make conformance", "make test"], commands
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert "make test" in ci, ci

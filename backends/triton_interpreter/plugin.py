@@ -6,10 +6,21 @@ built explicitly, so a GPU backend in the same process still compiles.
 
 The interpreter costs milliseconds per program and per loop step, so this tier is tuned for few programs with
 large tiles, and it declares smaller limits than the GPU tiers (they show in ``anyaccel explain``).
+
+``ANYACCEL_INTERPRETER_TUNING`` runs the GPU tile configurations instead. Its value names one GPU tuning
+(:data:`GPU_TUNINGS`: ``sm80`` and ``sm90`` from the cuda backend's table, ``gfx942`` from the rocm backend's);
+the kernels are then launched with that tuning's tiles, GEMM configs, split-KV thresholds and launch options,
+so CI executes the exact constexpr combinations a GPU would compile, on CPU tensors. Two things stay the
+interpreter's own: ``dot_upcast`` (the interpreter has no bfloat16 dot) and the declared :class:`Limits` (the
+same cases are claimed, whatever the tiles). Unset or empty means the interpreter's own big-tile tuning. The
+variable is read each time the plugin builds its kernels (at discovery), and an unknown value raises a
+``ValueError`` naming the accepted ones, which quarantines the plugin with that message.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from dataclasses import replace
+from typing import Callable, Dict, Optional
 
 from ...core.backend import BackendDef
 from ...plugins.hookspecs import hookimpl
@@ -19,7 +30,57 @@ ANYACCEL_API_VERSION = 1
 NAME = "triton-interpreter"
 
 
+#: The environment variable that forces a GPU tuning onto the interpreter (see the module docstring).
+TUNING_ENV = "ANYACCEL_INTERPRETER_TUNING"
+
+
+def _sm(major: int, minor: int) -> Callable[[], object]:
+    def make():
+        from ..cuda.tuning import tuning_for
+
+        return tuning_for((major, minor))
+    return make
+
+
+def _gfx(arch: str) -> Callable[[], object]:
+    def make():
+        from ..rocm.tuning import tuning_for
+
+        return tuning_for(arch)
+    return make
+
+
+#: The GPU tunings ``ANYACCEL_INTERPRETER_TUNING`` accepts, by value: each builds the tuning that the cuda or
+#: rocm backend would pick on that GPU (the tables themselves live with those backends and are not copied).
+GPU_TUNINGS: Dict[str, Callable[[], object]] = {"sm80": _sm(8, 0), "sm90": _sm(9, 0), "gfx942": _gfx("gfx942")}
+
+
 def tuning():
+    """The tuning the interpreted kernels are built with: the interpreter's own, or the GPU tuning that
+    ``ANYACCEL_INTERPRETER_TUNING`` names (with the interpreter's ``dot_upcast`` and declared limits)."""
+    own = interpreter_tuning()
+    forced = os.environ.get(TUNING_ENV, "").strip()
+    if not forced:
+        return own
+    return gpu_tuning(forced, own)
+
+
+def gpu_tuning(name: str, own=None):
+    """The GPU tuning ``name`` (a key of :data:`GPU_TUNINGS`) made runnable by the interpreter.
+
+    Raises ``ValueError`` naming the accepted values when ``name`` is not one of them.
+    """
+    make = GPU_TUNINGS.get(name.strip().lower())
+    if make is None:
+        raise ValueError(f"{TUNING_ENV}={name!r} is not a known GPU tuning; expected one of "
+                         f"{', '.join(sorted(GPU_TUNINGS))} (or unset for the interpreter's own tuning)")
+    own = own if own is not None else interpreter_tuning()
+    gpu = make()
+    # the GPU's tiles and launch options; the interpreter's bf16-capable dots and its declared limits
+    return replace(gpu, name=f"interpreter-{gpu.name}", dot_upcast=True, limits=own.limits)
+
+
+def interpreter_tuning():
     """The interpreter tier's tuning: big tiles, few programs, dot operands upcast (bfloat16 arithmetic)."""
     from ..triton.tuning import AttentionTuning, GemmConfig, Limits, TritonTuning
 
