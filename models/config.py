@@ -189,6 +189,14 @@ def parse_common(d: Mapping[str, Any], architecture: str, tie_default: bool = Fa
     if not (math.isfinite(theta) and theta > 0) or not (math.isfinite(partial) and 0 < partial <= 1):
         raise ConfigError(f"field 'rope_theta' / 'partial_rotary_factor': expected rope_theta > 0 and a factor in "
                           f"(0, 1], received {theta} and {partial}")
+    # Before anything per layer is built (the tuples below, the families' layer lists): the sizes' memory at the
+    # narrowest dtype a model can be built in; Model.__init__ checks again with the real dtype.
+    probe = ModelConfig(architecture=architecture, model_type="", vocab_size=_int(d, "vocab_size"),
+                        hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_size=head_size,
+                        intermediate_size=_int(d, "intermediate_size", "n_inner", default=4 * hidden),
+                        max_position=_int(d, "max_position_embeddings", "n_positions", default=2048), norm_eps=1.0)
+    check_memory(f"{architecture} (layers={layers}, hidden={hidden}, heads={heads}x{head_size}, "
+                 f"max_position={probe.max_position})", estimate_model_bytes(probe, 2))
     eos = d.get("eos_token_id")
     eos_list = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_list):
@@ -232,6 +240,10 @@ def parse_common(d: Mapping[str, Any], architecture: str, tie_default: bool = Fa
 #: The largest model (weights plus position tables) anyaccel builds, whatever the memory reports: 1 TiB. A
 #: config beyond it is a typo or an attack, not a model (the largest open models are a few hundred GB in 16 bit).
 MAX_MODEL_BYTES = 1 << 40
+
+#: What one layer costs besides its weights (its built ops, specs and selection records), counted as parameters
+#: so that a config with millions of tiny layers is refused like one with huge ones: 64 Ki parameters.
+_LAYER_OVERHEAD_PARAMS = 1 << 16
 
 _POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_size",
                     "intermediate_size", "max_position")
@@ -280,7 +292,7 @@ def estimate_parameters(c: ModelConfig) -> int:
         mlp = c.num_experts * (3 * h * inter + h) + 3 * h * c.shared_expert_intermediate_size + h
     else:
         mlp = 3 * h * c.intermediate_size + 2 * c.intermediate_size
-    per_layer = attn + mlp + 6 * h
+    per_layer = attn + mlp + 6 * h + _LAYER_OVERHEAD_PARAMS
     embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
     positions = c.max_position * max(h, c.head_size) + c.type_vocab_size * h
     return embed + layers * per_layer + positions + 2 * h
