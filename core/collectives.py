@@ -52,13 +52,17 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple, TYPE_CHECKI
 
 import torch
 
-from .errors import InvalidArgumentError, UnsupportedError
+import functools
+
+from .errors import AnyaccelError, CollectiveError, InvalidArgumentError, UnsupportedError
 from .validation import FLOAT_DTYPES, dtype_name, fmt_shape
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backend import Backend
 
 __all__ = [
+    "DEFAULT_TIMEOUT_SECONDS",
+    "CollectiveError",
     "REDUCE_OPS",
     "COLLECTIVE_DTYPES",
     "PROBE_KINDS",
@@ -72,6 +76,13 @@ __all__ = [
     "send_recv_reference",
     "all_to_all_reference",
 ]
+
+#: How long a collective of a group made by :meth:`Communicator.init` waits for its peers before raising
+#: :class:`CollectiveError`: 300 s. torch.distributed's own default for host-memory transports is 30 minutes, so
+#: one stalled or dead rank would hang every other rank for half an hour; five minutes still covers a slow first
+#: step (weights loading on one rank while the others wait at a barrier). ``Communicator.init(timeout=...)``
+#: changes it.
+DEFAULT_TIMEOUT_SECONDS = 300.0
 
 #: Reduction names accepted by ``all_reduce`` and ``reduce_scatter``.
 REDUCE_OPS = ("sum", "max", "min", "avg")
@@ -105,6 +116,31 @@ def _torch_dist():
             raise UnsupportedError("collectives: this torch build has no torch.distributed support")
         _dist = dist
     return _dist
+
+
+def _transport_errors(operation: str, peer_arg: Optional[str] = None):
+    """Decorate a Communicator method: a failure of the transport (a timeout, a dead or disconnected peer: torch
+    raises them as ``RuntimeError`` subclasses) becomes a :class:`CollectiveError` naming the operation and, when
+    the method has one, the peer rank. The core's own errors (bad arguments, unsupported routes) pass unchanged."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except AnyaccelError:
+                raise
+            except RuntimeError as e:
+                peer = None
+                if peer_arg is not None:
+                    peer = kwargs.get(peer_arg, args[1] if len(args) > 1 else None)
+                    peer = peer if isinstance(peer, int) and not isinstance(peer, bool) else None
+                    peer = None if peer == self.rank else peer  # broadcast from here: any receiver
+                raise self._collective_error(operation, peer, e) from e
+
+        return method
+
+    return wrap
 
 
 def _reduce_op(name: str):
@@ -204,7 +240,8 @@ class Communicator:
     """
 
     def __init__(self, group=None, device: Union[torch.device, str, None] = None, *, probe: bool = True,
-                 probe_dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, owns_group: bool = False) -> None:
+                 probe_dtypes: Sequence[torch.dtype] = FLOAT_DTYPES, owns_group: bool = False,
+                 timeout_s: Optional[float] = None) -> None:
         dist = _torch_dist()
         where = "Communicator"
         if not dist.is_initialized():
@@ -231,11 +268,17 @@ class Communicator:
         self.world_size: int = dist.get_world_size(group)
         self.transport: str = str(dist.get_backend(group))
         self._owns_group = owns_group
+        self.timeout_s = timeout_s
         self._routes: Dict[Tuple[str, torch.dtype], _Route] = {}
         probed: FrozenSet[Tuple[str, torch.dtype]] = frozenset()
         unsupported: Tuple[Tuple[str, torch.dtype, str], ...] = ()
         if probe:
-            unsupported, probed = self._probe(tuple(probe_dtypes))
+            try:
+                unsupported, probed = self._probe(tuple(probe_dtypes))
+            except AnyaccelError:
+                raise
+            except RuntimeError as e:
+                raise self._collective_error("Communicator (the construction probe)", None, e) from e
         self.capability = CollectiveCapability(self.transport, self.world_size,
                                                frozenset(probe_dtypes) if probe else frozenset(), unsupported,
                                                probed)
@@ -253,7 +296,8 @@ class Communicator:
         :param rank: this process's rank, ``0 <= rank < world_size``.
         :param world_size: the number of processes.
         :param init_method: a rendezvous URL (``tcp://host:port``, ``file:///path``, ``env://``).
-        :param timeout: seconds (or a timedelta) after which a collective that gets no answer raises.
+        :param timeout: seconds (or a timedelta) after which a collective that gets no answer raises
+            :class:`CollectiveError`; default :data:`DEFAULT_TIMEOUT_SECONDS` (300 s), not torch's 30 minutes.
         :param device: where this rank's tensors live; default: the backend's device type, indexed by
             ``rank % device_count`` when its torch module reports more than one device.
         """
@@ -277,21 +321,23 @@ class Communicator:
         if not isinstance(init_method, str) or "://" not in init_method:
             raise InvalidArgumentError(where, "init_method", "a URL such as tcp://host:port or file:///path",
                                        repr(init_method))
-        if timeout is not None and not isinstance(timeout, datetime.timedelta):
-            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-                raise InvalidArgumentError(where, "timeout", "positive seconds or a timedelta", repr(timeout))
-            timeout = datetime.timedelta(seconds=float(timeout))
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT_SECONDS
+        if isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < float("inf"):
+            raise InvalidArgumentError(where, "timeout", "positive, finite seconds or a timedelta", repr(timeout))
+        timeout = datetime.timedelta(seconds=float(timeout))
         if dist.is_initialized():
             raise InvalidArgumentError(where, "init_method", "a process whose default group is not yet created",
                                        "torch.distributed is already initialized",
                                        "Wrap the existing group with Communicator(group, device)")
         if device is None:
             device = cls._default_device(backend.device, rank)
-        extra = {"timeout": timeout} if timeout is not None else {}
         dist.init_process_group(backend=transport, init_method=init_method, rank=rank, world_size=world_size,
-                                **extra)
+                                timeout=timeout)
         try:
-            return cls(None, device, owns_group=True, **kwargs)
+            return cls(None, device, owns_group=True, timeout_s=timeout.total_seconds(), **kwargs)
         except BaseException:
             dist.destroy_process_group()
             raise
@@ -314,6 +360,11 @@ class Communicator:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group(self.group)
         self._owns_group = False
+
+    def _collective_error(self, operation: str, peer: Optional[int], e: BaseException) -> CollectiveError:
+        text = str(e).strip()
+        cause = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else 'no message'}"
+        return CollectiveError(operation, self.rank, self.world_size, peer, cause, self.timeout_s)
 
     def __enter__(self) -> "Communicator":
         return self
@@ -553,6 +604,7 @@ class Communicator:
 
     # ---------------------------------------------------------------------------------------- collectives
 
+    @_transport_errors("all_reduce")
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``x`` over every rank with ``op``; return the result as a new tensor (``x`` is not modified)."""
         self._check_x("all_reduce", "x", x)
@@ -569,6 +621,7 @@ class Communicator:
             y.div_(self.world_size)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    @_transport_errors("all_gather")
     def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` in rank order; sizes along ``dim`` may differ per rank."""
         self._check_x("all_gather", "x", x, min_dim=1)
@@ -604,6 +657,7 @@ class Communicator:
             out = torch.cat([out_v[i, :s] for i, s in enumerate(sizes)])
         return out.movedim(0, d).contiguous() if d else out
 
+    @_transport_errors("reduce_scatter")
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
         """Reduce ``x`` over every rank and return this rank's chunk of ``torch.tensor_split(x, world_size, dim)``."""
         self._check_x("reduce_scatter", "x", x, min_dim=1)
@@ -638,6 +692,7 @@ class Communicator:
             out = out.to(x.dtype)
         return out.movedim(0, d).contiguous() if d else out.contiguous()
 
+    @_transport_errors("broadcast", "src")
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         """Return a new tensor holding rank ``src``'s ``x``; elsewhere ``x`` gives only the shape and dtype."""
         self._check_x("broadcast", "x", x)
@@ -651,6 +706,7 @@ class Communicator:
             self._t_broadcast(t.reshape(-1).view(_BYTES) if r.how == "bytes" else t, src)
         return t
 
+    @_transport_errors("send", "dst")
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Send ``x`` to rank ``dst`` (which calls ``recv`` with a tensor of the same shape and dtype)."""
         self._check_x("send", "x", x)
@@ -660,6 +716,7 @@ class Communicator:
         if t.numel():
             self._t_send(t.reshape(-1).view(_BYTES) if r.how == "bytes" else t, dst)
 
+    @_transport_errors("recv", "src")
     def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
         """Receive from rank ``src`` **into** ``x`` (this method mutates ``x``) and return ``x``."""
         self._check_x("recv", "x", x)
@@ -673,6 +730,7 @@ class Communicator:
             x.copy_(t)
         return x
 
+    @_transport_errors("all_to_all")
     def all_to_all(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Send ``xs[p]`` to rank ``p``; return ``out`` with ``out[s]`` from rank ``s``.
 
@@ -716,6 +774,7 @@ class Communicator:
                 self._t_all_to_all(out, inp, out_sizes, in_sizes)
         return list(out.split(out_sizes))
 
+    @_transport_errors("barrier")
     def barrier(self) -> None:
         """Return once every rank has called ``barrier``."""
         self._t_barrier()

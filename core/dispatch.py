@@ -166,16 +166,30 @@ def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bo
     records: List[Candidate] = []
     supported: List[KernelImpl] = []
     for k in kernels:
-        reasons = tuple(k.capability.not_supported_reasons(spec))
+        try:
+            reasons = tuple(str(r) for r in k.capability.not_supported_reasons(spec))
+        except Exception as e:  # a plugin's capability check must not break selection for the others
+            reasons = (f"its capability check raised {type(e).__name__}: {e}",)
         records.append(Candidate(k.name, k.provider, k.priority, reasons))
         if not reasons:
             supported.append(k)
-    if supported:
+    kernel = None
+    while supported:
         top = supported[0]
         tied = [k.name for k in supported if k.priority == top.priority]
         if len(tied) > 1:
             raise SelectionConflictError(op.name, backend.name, tied, top.priority)
-        kernel = top.build(spec)
+        try:
+            kernel = top.build(spec)
+            why = "" if callable(kernel) else f"build() returned {type(kernel).__name__}, not a callable kernel"
+        except Exception as e:  # a failing kernel is dropped with its reason; the next candidate serves
+            why = f"build() raised {type(e).__name__}: {e}"
+        if not why:
+            break
+        kernel = None
+        supported.pop(0)
+        records = [dataclasses.replace(c, reasons=(why,)) if c.name == top.name else c for c in records]
+    if kernel is not None:
         chosen_name, provider, fallback = top.name, top.provider, False
     else:
         reasons = [f"{c.name}: {'; '.join(c.reasons)}" for c in records]

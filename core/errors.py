@@ -14,6 +14,7 @@ __all__ = [
     "StrictModeError",
     "SelectionConflictError",
     "PluginError",
+    "CollectiveError",
 ]
 
 
@@ -67,3 +68,26 @@ class SelectionConflictError(AnyaccelError):
 
 class PluginError(AnyaccelError):
     """A plugin broke its contract (bad return value, incompatible API version, ...)."""
+
+
+class CollectiveError(AnyaccelError, RuntimeError):
+    """A collective failed in the transport: a peer timed out, died or closed the connection.
+
+    ``operation`` is the communicator method (``all_reduce``, ``recv``...), ``peer`` the rank it was waiting on
+    when that is known (point-to-point and broadcast), else ``None``; ``rank`` is this process's rank.
+    """
+
+    def __init__(self, operation: str, rank: int, world_size: int, peer: "int | None", cause: str,
+                 timeout_s: "float | None" = None) -> None:
+        self.operation = operation
+        self.rank = rank
+        self.world_size = world_size
+        self.peer = peer
+        self.cause = cause
+        self.timeout_s = timeout_s
+        who = (f"peer rank {peer}" if peer is not None else
+               f"a peer (one of the other {world_size - 1} rank(s); the transport does not say which)")
+        limit = f" (timeout {timeout_s:g} s)" if timeout_s is not None else ""
+        super().__init__(f"{operation} on rank {rank} of {world_size}: {who} did not complete it{limit}: {cause}. "
+                         f"Check that every rank makes the same collective calls in the same order and that no "
+                         f"rank has died; raise the timeout for legitimately long steps")

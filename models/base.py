@@ -26,7 +26,7 @@ import torch
 from ..core.attention import AttentionMetadata, AttentionSpec
 from ..core.backend import Backend
 from ..core.errors import AnyaccelError
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig, check_config, check_memory, estimate_model_bytes
 
 __all__ = ["Model", "WeightLoadError", "WeightSource", "WeightRule", "single", "concat", "stack_experts",
            "allocate_kv_caches"]
@@ -120,6 +120,14 @@ class Model:
 
     def __init__(self, config: ModelConfig, backend: Backend, dtype: torch.dtype, strict: bool = False,
                  block_size: Optional[int] = None) -> None:
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(f"{type(self).__name__}: expected a ModelConfig, received {type(config).__name__}")
+        # Sizes are checked, and the memory they imply compared with the budget, before any layer allocates.
+        check_config(config)
+        check_memory(f"{config.architecture} (layers={config.num_layers}, hidden={config.hidden_size}, "
+                     f"heads={config.num_heads}x{config.head_size}, vocab={config.vocab_size}, "
+                     f"max_position={config.max_position}) in {str(dtype).removeprefix('torch.')}",
+                     estimate_model_bytes(config, torch.empty((), dtype=dtype).element_size()), backend.device)
         self.config = config
         self.backend = backend
         self.dtype = dtype
@@ -191,6 +199,12 @@ class Model:
             parts = []
             for n, shape in zip(chosen.names, chosen.shapes):
                 t = raw[n]
+                if not isinstance(t, torch.Tensor):
+                    raise WeightLoadError(f"{arch}: tensor '{n}' is a {type(t).__name__}, expected a torch.Tensor")
+                if not (t.dtype.is_floating_point and t.dtype.itemsize >= 2):
+                    raise WeightLoadError(f"{arch}: tensor '{n}' has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                          f"expected a floating-point weight (float32, float16 or bfloat16); "
+                                          f"integer, bool and 8-bit tensors are never cast silently")
                 if tuple(t.shape) != tuple(shape):
                     raise WeightLoadError(f"{arch}: tensor '{n}' has shape {list(t.shape)}, expected {list(shape)}"
                                           f" from the config")
@@ -254,21 +268,56 @@ def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, stric
         cls = registry.resolve({"architectures": [source.architecture]})[1]
         return cls(source, backend, dt, strict, block_size)
     if isinstance(source, (str, os.PathLike)):
+        label = os.path.join(os.fspath(source), "config.json")
         d = loading.read_config(source)
         weights = loading.iter_safetensors(source)
     elif loading.is_hf_model(source):
+        label = f"config of the {type(source).__name__} object"
         d = loading.hf_model_config(source)
         weights = loading.iter_hf_model(source)
     elif isinstance(source, dict):
+        label = "config dict"
         d = source
     else:
         raise TypeError(f"build_model: expected a directory, a transformers model, a config dict or a ModelConfig; "
                         f"received {type(source).__name__}")
-    arch, cls = registry.resolve(d)
-    model = cls(cls.parse_config(d, arch), backend, dt, strict, block_size)
+    model = build_from_config_dict(d, backend, dt, strict, block_size, label)
     if weights is not None:
-        model.load_weights(weights)
+        where = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
+        try:
+            model.load_weights(weights)
+        except WeightLoadError as e:
+            if where and os.fspath(source) in str(e):
+                raise
+            raise WeightLoadError(f"{where}{e}") from None
     return model
 
 
-__all__ += ["build_model", "parse_dtype"]
+def build_from_config_dict(d: Any, backend: Backend, dtype: torch.dtype, strict: bool, block_size: Optional[int],
+                           label: str) -> Model:
+    """Resolve, parse and build a model (no weights) from a config dict; every failure of the config's content is
+    a :class:`ConfigError` that starts with ``label`` (the file it came from)."""
+    from . import registry
+    from ..core.errors import InvalidArgumentError, UnsupportedError
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{label}: expected a JSON object (field -> value), received {type(d).__name__}")
+    archs = d.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{label}: field 'architectures': expected a list of names, received {archs!r:.80}")
+    try:
+        arch, cls = registry.resolve(d)
+        config = cls.parse_config(d, arch)
+        return cls(config, backend, dtype, strict, block_size)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+    except InvalidArgumentError as e:  # a value the core's op specs reject (a head size, a window, ...)
+        raise ConfigError(f"{label}: {e}") from None
+    except UnsupportedError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"{label}: a field has a value the model cannot be built from ({what})") from None
+
+
+__all__ += ["build_model", "build_from_config_dict", "parse_dtype"]

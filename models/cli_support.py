@@ -33,7 +33,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="text, tokenized with the model's tokenizer (and chat template if it has one)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="tokenize --prompt as plain text even when the model has a chat template")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=32,
+                   help="new tokens to generate (an integer; 1e3 is accepted); prompt + new tokens must fit the "
+                        "model's maximum length")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (aliases fp32, fp16, bf16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", dest="top_k", type=int, default=None)
@@ -42,6 +44,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids"} (output: new tokens only)')
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 written as ``32`` or ``1e3`` (an argparse type: its errors are one line, exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}") from None
+    if not v.is_integer() or v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return int(text) if text.strip().isdigit() else int(v)
 
 
 def parse_prompt_ids(text: str) -> List[int]:
@@ -142,8 +155,15 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
         prompt_ids = encode_prompt(tokenizer, args.prompt, getattr(args, "chat_template", True))
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
+    # Checked before the KV pool is sized from it: a length beyond the model's positions is a user error.
+    max_len = int(getattr(model.config, "max_position", 0) or 0)
+    total = len(prompt_ids) + params.max_new_tokens
+    if max_len and total > max_len:
+        raise GenerateError(f"--max-new-tokens: prompt ({len(prompt_ids)} tokens) + {params.max_new_tokens} new "
+                            f"tokens = {total} exceeds the model's maximum length of {max_len} positions; lower "
+                            f"--max-new-tokens to at most {max(max_len - len(prompt_ids), 0)}")
     block = model.block_size
-    num_blocks = -(-(len(prompt_ids) + params.max_new_tokens) // block) + 1
+    num_blocks = -(-total // block) + 1
     engine = Engine(model, num_blocks=num_blocks)
     out = engine.generate([prompt_ids], params)[0]
     if args.json:

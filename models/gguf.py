@@ -22,6 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..core.errors import AnyaccelError, UnsupportedError
+from .base import WeightLoadError
+from .config import ConfigError
 
 __all__ = ["GGUFCheckpoint", "read_gguf", "gguf_name_to_hf", "unpermute_rotary_rows", "permute_rotary_rows",
            "SUPPORTED_GGUF_ARCHITECTURES"]
@@ -127,7 +129,11 @@ class GGUFCheckpoint:
             hf = gguf_name_to_hf(t.name)
             if hf is None:
                 continue
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+            try:
+                w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+            except Exception as e:  # numpy / gguf errors on a damaged or unknown block layout
+                raise WeightLoadError(f"{self.path}: tensor '{t.name}' ({getattr(t.tensor_type, 'name', '?')}) "
+                                      f"cannot be dequantized: {type(e).__name__}: {e}") from None
             if ".self_attn.q_proj." in hf:
                 w = unpermute_rotary_rows(w, heads)
             elif ".self_attn.k_proj." in hf:
@@ -157,9 +163,24 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     """Open ``path`` and derive the HF config (``LlamaForCausalLM`` names) from its metadata."""
     gguf = _require_gguf()
     if not os.path.isfile(path):
-        raise AnyaccelError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path)
-    arch = _value(reader, "general.architecture")
+        raise WeightLoadError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = _value(reader, "general.architecture")
+    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on a damaged file
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+        raise WeightLoadError(f"{path}: not a readable GGUF file (truncated or not GGUF): {type(e).__name__}: "
+                              f"{text}") from None
+    try:
+        return _checkpoint(path, reader, arch)
+    except (ConfigError, WeightLoadError, UnsupportedError):
+        raise
+    except Exception as e:  # a metadata value of the wrong type or shape
+        raise ConfigError(f"{path}: GGUF metadata cannot be read as a model config: {type(e).__name__}: {e}") \
+            from None
+
+
+def _checkpoint(path: str, reader: Any, arch: Any) -> GGUFCheckpoint:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedError(f"GGUF architecture '{arch}' in {path} is not supported",
                                [f"supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHITECTURES))}"])
@@ -167,10 +188,18 @@ def read_gguf(path: str) -> GGUFCheckpoint:
     def key(suffix: str, default: Any = None) -> Any:
         return _value(reader, f"{arch}.{suffix}", default)
 
-    hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
-    kv_heads = int(key("attention.head_count_kv", heads))
-    head_dim = int(key("attention.key_length", hidden // heads))
+    def int_key(suffix: str, default: Any = None) -> int:
+        v = key(suffix, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            got = "missing" if v is None else f"{type(v).__name__} {v!r:.40}"
+            raise ConfigError(f"{path}: GGUF metadata key '{arch}.{suffix}': expected an integer >= 1, received "
+                              f"{got}")
+        return v
+
+    hidden = int_key("embedding_length")
+    heads = int_key("attention.head_count")
+    kv_heads = int_key("attention.head_count_kv", heads)
+    head_dim = int_key("attention.key_length", max(hidden // heads, 1))
     names = {t.name for t in reader.tensors}
     vocab = key("vocab_size")
     if vocab is None:
@@ -182,14 +211,14 @@ def read_gguf(path: str) -> GGUFCheckpoint:
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": int_key("feed_forward_length"),
+        "num_hidden_layers": int_key("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(key("context_length", 2048)),
+        "max_position_embeddings": int_key("context_length", 2048),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
@@ -226,11 +255,17 @@ def build_gguf_model(path: str, backend: Any, dtype: Any = torch.float32, strict
 
     The checkpoint gives the tokenizer (:meth:`GGUFCheckpoint.tokenizer`) and the chat template.
     """
-    from .base import build_model
+    from .base import build_from_config_dict, parse_dtype
 
     ckpt = read_gguf(path)
-    model = build_model(dict(ckpt.config), backend, dtype, strict=strict, block_size=block_size)
-    model.load_weights(ckpt.weights())
+    model = build_from_config_dict(dict(ckpt.config), backend, parse_dtype(dtype), strict, block_size,
+                                   f"{path} (config from its GGUF metadata)")
+    try:
+        model.load_weights(ckpt.weights())
+    except WeightLoadError as e:
+        raise (e if str(path) in str(e) else WeightLoadError(f"{path}: {e}")) from None
+    except UnsupportedError as e:  # a tensor name without an HF counterpart
+        raise WeightLoadError(f"{path}: {e}") from None
     return model, ckpt
 
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Tuple, Union
 import torch
 
 from .base import WeightLoadError
+from .config import ConfigError
 
 __all__ = ["read_config", "safetensors_files", "iter_safetensors", "is_hf_model", "hf_model_config",
            "iter_hf_model"]
@@ -17,21 +18,56 @@ __all__ = ["read_config", "safetensors_files", "iter_safetensors", "is_hf_model"
 PathLike = Union[str, os.PathLike]
 
 
+def _read_json(path: Path, what: str, error: type) -> Any:
+    """Parse the JSON file ``path``; any failure is ``error`` naming the file, the line and the column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: {what} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, RecursionError, ValueError) as e:
+        raise error(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from None
+
+
 def read_config(directory: PathLike) -> Dict[str, Any]:
+    """The parsed ``config.json`` of an HF-format directory: a JSON object, else :class:`ConfigError`."""
     p = Path(directory) / "config.json"
     if not p.is_file():
         raise WeightLoadError(f"{directory}: no config.json (expected a Hugging Face format model directory)")
-    with open(p) as f:
-        return json.load(f)
+    d = _read_json(p, "config.json", ConfigError)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a JSON object (field -> value), received a JSON {_json_kind(d)}")
+    return d
+
+
+def _json_kind(v: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def safetensors_files(directory: PathLike) -> List[Path]:
-    """The safetensors shards of a directory: those named by the index when there is one, else every file."""
+    """The safetensors shards of a directory: those named by the index when there is one, else every file.
+
+    An index naming anything but ``.safetensors`` shards (a pickled ``.bin``), or shards outside the directory, is a
+    :class:`WeightLoadError`: never pickle, never a path the directory does not hold.
+    """
     d = Path(directory)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        data = _read_json(index, "the shard index", WeightLoadError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightLoadError(f"{index}: expected an object with a 'weight_map' of tensor name -> shard file "
+                                  f"name, received {_json_kind(data) if not isinstance(data, dict) else 'no such map'}")
+        for name, v in weight_map.items():
+            if not v.endswith(".safetensors"):
+                raise WeightLoadError(f"{index}: tensor '{name}' is mapped to '{v}', which is not a .safetensors "
+                                      f"shard (a .bin needs pickle, which anyaccel never runs): convert it first")
+            if Path(v).name != v:
+                raise WeightLoadError(f"{index}: tensor '{name}' is mapped to '{v}'; expected a file name inside "
+                                      f"{d}")
         files = sorted({d / v for v in weight_map.values()})
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
@@ -48,13 +84,33 @@ def safetensors_files(directory: PathLike) -> List[Path]:
 
 
 def iter_safetensors(directory: PathLike) -> Iterator[Tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every tensor of every shard, read lazily one at a time."""
+    """``(name, tensor)`` for every tensor of every shard, read lazily one at a time.
+
+    A shard that is truncated, garbage or otherwise unreadable is a :class:`WeightLoadError` naming the file (and
+    the tensor, when one tensor fails).
+    """
     from safetensors import safe_open
 
     for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            f = safe_open(str(path), framework="pt")
+            names = list(f.keys())
+        except Exception as e:  # SafetensorError, OSError, ...: the library's own types
+            raise WeightLoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from None
+        with f:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise WeightLoadError(f"{path}: tensor '{name}' cannot be read ({type(e).__name__}: "
+                                          f"{_first_line(e)})") from None
+                yield name, t
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
 
 
 def is_hf_model(obj: Any) -> bool:

@@ -28,6 +28,7 @@ import torch
 from ..core.attention import AttentionMetadata
 from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
+from .config import check_memory
 from .sampling import Sampler, SamplingParams, make_generator
 
 __all__ = ["Engine", "EngineStats", "OutOfKVBlocksError"]
@@ -128,6 +129,9 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption = preemption
         self.device = model.device
+        # The pool is compared with the memory budget before a byte of it is allocated.
+        check_memory(f"a KV cache of {num_blocks} blocks x {per_block} bytes", num_blocks * per_block, model.device,
+                     "lower num_blocks / kv_budget_bytes, or max_new_tokens")
         self.allocator = BlockAllocator(num_blocks)
         self.kv_caches = model.allocate_kv_caches(num_blocks)
         self.sampler = Sampler()

@@ -22,7 +22,18 @@ attributes of the context, never as new hook parameters, so a plugin written for
 
 Hooks are called once per plugin, each guarded on its own: a plugin whose hook raises or returns something
 that is not what the hook promises is quarantined with the error, and its contributions are dropped as a whole;
-every other plugin still loads.
+every other plugin still loads. "Raises" includes ``sys.exit()`` and every ``BaseException`` but
+``KeyboardInterrupt``; what a hook returns is checked field by field (a :class:`BackendDef` with an empty
+``block_sizes``, a :class:`KernelImpl` without an ``OpCapability``, ``describe()`` returning a non-dict and
+``detect()`` a non-string are quarantined with the field named). A backend name used by one of anyaccel's own
+backends (``anyaccel backends`` lists them) is reserved: a third-party plugin declaring it is quarantined.
+
+How long discovery may take: every ``anyaccel`` command discovers every installed plugin, so a plugin's import
+plus all its hooks (``detect`` and ``describe`` included) should take well under a second, and may take at
+most :data:`anyaccel.plugins.manager.DISCOVERY_WARN_SECONDS` (5 s; ``ANYACCEL_PLUGIN_SLOW_SECONDS`` overrides)
+before a ``PluginSlowWarning`` naming the plugin and its seconds is issued (an import cannot be abandoned
+safely, so the limit is reported, not enforced). Defer heavy work (SDK imports, compiling, device queries
+beyond a presence check) to a kernel's ``build``, which runs once per selection.
 
 Versioning (the policy is in docs/writing-a-backend.md, "API versioning"): a plugin built for an older minor of
 the same major keeps loading; a hook or context attribute that a future major removes is first listed in

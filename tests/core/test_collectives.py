@@ -342,3 +342,98 @@ def test_two_ranks_mismatch_is_reported_everywhere(tmp_path, monkeypatch):
     assert got[1]["recv"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert got[0]["split_all_to_all"] == [[], [10.0]]
     assert got[1]["split_all_to_all"] == [[1.0], [11.0, 11.0]]
+
+
+# ---------------------------------------------------------------------------------------------- stalled peers
+
+
+def test_default_timeout_is_bounded_and_documented():
+    from anyaccel.core.collectives import DEFAULT_TIMEOUT_SECONDS
+
+    assert 0 < DEFAULT_TIMEOUT_SECONDS <= 600  # torch's CPU default (1800 s) would hang a survivor for 30 min
+    assert "300" in Communicator.init.__doc__ and "timeout" in Communicator.init.__doc__
+
+
+def test_init_uses_the_bounded_default_timeout(comm, monkeypatch):
+    # the group the fixture made passed timeout=30; a group made without one gets the documented default
+    import torch.distributed as dist
+
+    from anyaccel.core.collectives import DEFAULT_TIMEOUT_SECONDS
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        Communicator.init(BACKEND, 0, 1, "file:///nonexistent")
+    assert seen["timeout"].total_seconds() == DEFAULT_TIMEOUT_SECONDS
+    assert comm.timeout_s == 30
+
+
+def test_transport_failure_becomes_collective_error_naming_operation_and_peer(comm, monkeypatch):
+    from anyaccel.core.errors import CollectiveError
+
+    def dead(*a, **k):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:4242")
+
+    monkeypatch.setattr(comm, "_t_all_reduce", dead)
+    monkeypatch.setattr(comm, "_t_broadcast", dead)
+    with pytest.raises(CollectiveError, match=r"all_reduce on rank 0 of 1: a peer .*Connection closed") as e:
+        comm.all_reduce(torch.ones(2))
+    assert e.value.operation == "all_reduce" and e.value.peer is None and isinstance(e.value.__cause__, RuntimeError)
+    # arguments are still checked first: a bad argument is an InvalidArgumentError, not a transport failure
+    with pytest.raises(InvalidArgumentError):
+        comm.all_reduce("x")
+
+
+def _stall_worker(rank, init_method, q):
+    import time
+
+    from anyaccel.core.errors import CollectiveError
+
+    c = Communicator.init(BACKEND, rank, 2, init_method, timeout=2, probe=False)
+    if rank == 1:  # never makes the calls rank 0 waits for
+        time.sleep(20)
+        return
+    out = {}
+    for name, call in (("recv", lambda: c.recv(torch.zeros(3), 1)), ("all_reduce", lambda: c.all_reduce(torch.ones(2)))):
+        t0 = time.monotonic()
+        try:
+            call()
+            out[name] = ("no error", time.monotonic() - t0, None, "")
+        except CollectiveError as e:
+            out[name] = ("CollectiveError", time.monotonic() - t0, e.peer, str(e))
+        except Exception as e:  # noqa: BLE001 - the assertion below names it
+            out[name] = (type(e).__name__, time.monotonic() - t0, None, str(e))
+    q.put(out)
+
+
+@pytest.mark.slow  # two spawned interpreters (~15 s of imports on a shared runner) + two 2 s timeouts
+def test_survivor_of_a_stalled_peer_gets_a_collective_error_in_time(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+    mod = importlib.import_module(pathlib.Path(__file__).stem)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=mod._stall_worker, args=(r, f"file://{tmp_path / 'rdv'}", q), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = q.get(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(timeout=10)
+        sys.modules.pop(pathlib.Path(__file__).stem, None)
+    print({k: round(v[1], 2) for k, v in got.items()})  # seconds the survivor waited, per call (-s shows them)
+    kind, seconds, peer, msg = got["recv"]
+    assert kind == "CollectiveError", (kind, msg)
+    assert peer == 1 and "recv on rank 0 of 2: peer rank 1" in msg and "timeout 2 s" in msg
+    assert seconds < 15  # the 2 s timeout, not torch's 30 minutes
+    kind, seconds, peer, msg = got["all_reduce"]
+    assert kind == "CollectiveError" and "all_reduce" in msg and seconds < 15, (kind, msg)
