@@ -497,9 +497,7 @@ class RopeScaling:
         if self.rope_type not in ROPE_SCALING_TYPES:
             raise InvalidArgumentError(op, "rope_type", f"one of {', '.join(ROPE_SCALING_TYPES)}",
                                        repr(self.rope_type))
-        f = self.factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (f > 0) or math.isinf(f):
-            raise InvalidArgumentError(op, "factor", "a finite number > 0", repr(f))
+        _check_finite_positive(op, "factor", self.factor)
         if self.rope_type != "linear":
             _check_positive_int(op, "original_max_position_embeddings", self.original_max_position_embeddings)
         if self.rope_type == "llama3":

@@ -409,19 +409,20 @@ def _build(spec: AttentionSpec):
             v = gather(v_rows, rows, "v", nh, L)
             # SDPA's CPU kernel is slower on a strided query: pay for one small copy instead.
             q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
-            if cap is None:
-                # SDPA's is_causal CPU kernel drops a NaN in q or K (a zero row) where the contract propagates it:
-                # such inputs take the explicit-mask kernel, which propagates (a check far cheaper than the op)
-                if plan.causal_square and not bool(torch.isnan(q_1HQD).any() | torch.isnan(k).any()):
+            # SDPA's CPU kernels mishandle a NaN in q or K (a zero row, or NaN leaking through the mask) where
+            # the contract propagates it to exactly the queries that see it: such inputs take the explicit path
+            # (the check is far cheaper than the op)
+            if cap is None and not bool(torch.isnan(q_1HQD).any() | torch.isnan(k).any()):
+                if plan.causal_square:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, is_causal=True, scale=scale)
                 else:
-                    mask = plan.mask if not plan.causal_square else torch.ones(n, L, dtype=torch.bool).tril_()
-                    o = F.scaled_dot_product_attention(q_1HQD, k, v, attn_mask=mask, scale=scale)
+                    o = F.scaled_dot_product_attention(q_1HQD, k, v, attn_mask=plan.mask, scale=scale)
                 out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
             else:
-                capped(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
+                explicit(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
 
-    def capped(q_1HQD, k, v, plan, out_THD, hq0, hq1):
+    def explicit(q_1HQD, k, v, plan, out_THD, hq0, hq1):
+        """Scores -> (soft-cap) -> mask -> softmax -> P @ V in float32, in query chunks."""
         n, L, t0 = plan.q_len, plan.L, plan.start
         nh = hq1 - hq0
         step = max(1, _MAX_SCORES // max(1, nh * L))
@@ -431,7 +432,8 @@ def _build(spec: AttentionSpec):
         kT = k.transpose(2, 3)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
-            s = torch.matmul(q_1HQD[:, :, c0:c1], kT).float().mul_(scale / cap).tanh_().mul_(cap)
+            s = torch.matmul(q_1HQD[:, :, c0:c1], kT).float()
+            s = s.mul_(scale) if cap is None else s.mul_(scale / cap).tanh_().mul_(cap)
             if mask is not None:
                 s.masked_fill_(~mask[c0:c1], float("-inf"))
             o = torch.matmul(torch.softmax(s, dim=-1).to(dt), v)  # [1, nh, c, D]
