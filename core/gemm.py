@@ -20,6 +20,10 @@ from .dispatch import Op, OpCapability
 from .errors import InvalidArgumentError
 from .validation import FLOAT_DTYPES, check_tensor, dtype_name
 
+__all__ = ["GemmSpec", "GemmCapability", "Gemm", "gemm_reference", "GroupedGemmSpec", "GroupedGemmCapability",
+           "GroupedGemm", "grouped_gemm_reference", "GROUPED_GEMM_MODES"]
+
+
 def _check_flag(op: str, name: str, v: object) -> None:
     if not isinstance(v, bool):
         raise InvalidArgumentError(op, name, "a bool", repr(v))
@@ -30,10 +34,6 @@ def _check_features(op: str, spec: object) -> None:
         v = getattr(spec, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise InvalidArgumentError(op, f"spec.{name}", "a positive int or None", repr(v))
-
-
-__all__ = ["GemmSpec", "GemmCapability", "Gemm", "gemm_reference", "GroupedGemmSpec", "GroupedGemmCapability",
-           "GroupedGemm", "grouped_gemm_reference", "GROUPED_GEMM_MODES"]
 
 
 @dataclass(frozen=True)
