@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .dispatch import Op, OpCapability
@@ -203,11 +204,12 @@ def _check_slots(slot_mapping: torch.Tensor) -> Tuple[int, int]:
         live = [v for v in vals if v >= 0]
         if len(set(live)) == len(live):
             return max(vals + [-1]), n - len(live)
-    else:
-        live_t = host[host >= 0]
-        srt = torch.sort(live_t).values
-        if not bool((srt[1:] == srt[:-1]).any()):
-            return (int(srt[-1]) if srt.numel() else -1), n - live_t.numel()
+    else:  # a prefill batch: one numpy sort (several times faster than torch's on the host); padding sorts first
+        srt = np.sort(host.numpy())
+        pad = int(np.searchsorted(srt, 0))
+        live = srt[pad:]
+        if not (live.size > 1 and bool((live[1:] == live[:-1]).any())):
+            return (int(srt[-1]) if live.size else -1), pad
         vals = host.tolist()
     seen: Dict[int, int] = {}
     for t, v in enumerate(vals):
