@@ -32,7 +32,7 @@ if not hasattr(bad_inputs, "ATTACKS"):
     _spec.loader.exec_module(bad_inputs)
 
 CPU_EXAMPLES = 12          # per (op, mutation) on cpu
-TRITON_EXAMPLES = 2        # per (op, mutation) in the triton-interpreter subprocess (interpreted kernels are slow)
+TRITON_EXAMPLES = 3        # per (op, mutation) in the triton-interpreter subprocess (interpreted kernels are slow)
 _SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
 
