@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .dispatch import Op, OpCapability
@@ -193,6 +194,35 @@ def _check_index_tensor(name: str, t: object, ndim: int, dims: str, device: Opti
     check_tensor(_META_OP, name, t, ndim=ndim, dims=dims, dtypes=INDEX_DTYPES, device=device)
 
 
+def _check_slots(slot_mapping: torch.Tensor) -> Tuple[int, int]:
+    """``(max_slot, num_padding)`` of a non-empty ``slot_mapping``, from one host copy; raises when two tokens
+    write the same slot (negative slots are padding and may repeat)."""
+    host = slot_mapping if slot_mapping.device.type == "cpu" else slot_mapping.cpu()
+    n = host.numel()
+    if n <= 64:  # a decode batch: plain ints beat a sort's fixed cost
+        vals = host.tolist()
+        live = [v for v in vals if v >= 0]
+        if len(set(live)) == len(live):
+            return max(vals + [-1]), n - len(live)
+    else:  # a prefill batch: one numpy sort (several times faster than torch's on the host); padding sorts first
+        srt = np.sort(host.numpy())
+        pad = int(np.searchsorted(srt, 0))
+        live = srt[pad:]
+        if not (live.size > 1 and bool((live[1:] == live[:-1]).any())):
+            return (int(srt[-1]) if live.size else -1), pad
+        vals = host.tolist()
+    seen: Dict[int, int] = {}
+    for t, v in enumerate(vals):
+        if v >= 0:
+            if v in seen:
+                raise InvalidArgumentError(_META_OP, "slot_mapping", "distinct slots (one cache slot per new token; "
+                                           "negative values are padding)",
+                                           f"slot_mapping[{seen[v]}] = slot_mapping[{t}] = {v}",
+                                           "Two tokens would write the same cache slot")
+            seen[v] = t
+    raise AssertionError("unreachable: a duplicate slot was found but not located")  # pragma: no cover
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     """One batch's layout of sequences over the paged cache, validated once and shared by every layer.
@@ -246,7 +276,17 @@ class AttentionMetadata:
         Raises :class:`InvalidArgumentError` naming the argument for: wrong rank/dtype/device, mismatched
         numbers of sequences, ``query_start_loc`` not starting at 0 or decreasing, a negative ``seq_len``,
         ``q_len > seq_len``, a sequence needing more blocks than its ``block_table`` row has, a negative block id
-        among the blocks a sequence uses, ``slot_mapping`` not ``[T]``.
+        among the blocks a sequence uses, ``slot_mapping`` not ``[T]``, two tokens of ``slot_mapping`` writing
+        the same slot (a race on a parallel device, and one token's K/V silently lost).
+
+        Memory layout: kernels index these four tensors as dense arrays (a raw pointer plus an index), so a strided
+        view would make them read the wrong sequences' lengths, blocks or slots, or past the allocation. Each
+        non-contiguous one is therefore **copied to a contiguous tensor here** (once per batch; they are small
+        index tensors) and the metadata keeps the copy: every kernel receives contiguous index tensors.
+
+        Cost: the host copies of ``query_start_loc``/``seq_lens`` and one host copy of ``slot_mapping`` (the
+        range, padding and duplicate checks run on it), once per batch; per-layer calls compare only the kept
+        ``max_block_index``/``max_slot`` with the cache size.
         """
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise InvalidArgumentError(_META_OP, "block_size", "a positive int", repr(block_size))
@@ -260,6 +300,13 @@ class AttentionMetadata:
         if block_table.shape[0] != num_seqs:
             raise InvalidArgumentError(_META_OP, "block_table", f"{num_seqs} rows (one per sequence in seq_lens)",
                                        f"shape {list(block_table.shape)}")
+        # dense copies of strided views: kernels index these with a pointer and an offset (see the docstring)
+        if not query_start_loc.is_contiguous():
+            query_start_loc = query_start_loc.contiguous()
+        if not seq_lens.is_contiguous():
+            seq_lens = seq_lens.contiguous()
+        if not block_table.is_contiguous():
+            block_table = block_table.contiguous()
         starts = [int(x) for x in query_start_loc.tolist()]
         lens = [int(x) for x in seq_lens.tolist()]
         if starts[0] != 0:
@@ -305,10 +352,10 @@ class AttentionMetadata:
         if slot_mapping is not None:
             check_tensor(_META_OP, "slot_mapping", slot_mapping, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES,
                          device=dev)
+            if not slot_mapping.is_contiguous():
+                slot_mapping = slot_mapping.contiguous()
             if num_tokens:
-                max_slot = int(slot_mapping.max())
-                num_pad = int((slot_mapping < 0).sum())
-                max_slot = max(max_slot, -1)
+                max_slot, num_pad = _check_slots(slot_mapping)
         return cls(query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
                    block_size=block_size, slot_mapping=slot_mapping, num_seqs=num_seqs, num_tokens=num_tokens,
                    max_query_len=max(q_lens, default=0), max_seq_len=max(lens, default=0),
@@ -461,8 +508,12 @@ def _native_reshape_and_cache(spec: AttentionSpec) -> Callable:
 def _check_attention_spec(op: str, spec: AttentionSpec) -> None:
     if spec.dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(op, "spec.dtype", "one of float32, float16, bfloat16", dtype_name(spec.dtype))
-    if spec.kv_cache_dtype is not None and not isinstance(spec.kv_cache_dtype, torch.dtype):
-        raise InvalidArgumentError(op, "spec.kv_cache_dtype", "a torch.dtype or None", repr(spec.kv_cache_dtype))
+    kcd = spec.kv_cache_dtype
+    if kcd is not None and not (isinstance(kcd, torch.dtype) and kcd.is_floating_point):
+        # an integer cache holds no scale: the native fallback would silently truncate K and V to integers
+        raise InvalidArgumentError(op, "spec.kv_cache_dtype", "a floating torch.dtype or None", repr(kcd))
+    if not isinstance(spec.causal, bool):
+        raise InvalidArgumentError(op, "spec.causal", "a bool", repr(spec.causal))
     for name in ("num_heads", "num_kv_heads", "head_size", "block_size"):
         v = getattr(spec, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

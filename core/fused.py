@@ -40,13 +40,16 @@ __all__ = [
     "rms_norm_reference", "layer_norm_reference",
     # rotary
     "ROTARY_STYLES", "RotarySpec", "RotaryCapability", "Rotary", "RopeScaling", "ROPE_SCALING_TYPES",
-    "rope_inv_freq", "rope_cos_sin_cache", "rotary_reference",
+    "rope_inv_freq", "rope_cos_sin_cache", "rotary_reference", "MAX_ROPE_CACHE_ELEMENTS",
     # gated activations
     "GELU_APPROXIMATIONS", "GatedActivationSpec", "GatedActivationCapability", "SiluAndMul", "GeluAndMul",
     "silu_and_mul_reference", "gelu_and_mul_reference",
 ]
 
 ROTARY_STYLES = ("neox", "gptj")
+#: The largest cos/sin cache (``max_position * rotary_dim`` elements, 8 GiB in float32): more is no real context
+#: but a typo (``max_position=10**12``) that would otherwise reach the allocator.
+MAX_ROPE_CACHE_ELEMENTS = 1 << 31
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -70,6 +73,15 @@ def _check_eps(op: str, eps: object) -> None:
         raise InvalidArgumentError(op, "spec.eps", "a finite float > 0", repr(eps))
 
 
+def _check_finite_positive(op: str, name: str, v: object) -> None:
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise InvalidArgumentError(op, name, "a finite number > 0", repr(v)[:80])
+
+
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t[..., width]`` as a 2-d ``[N, width]`` tensor with a unit last stride (a view whenever possible)."""
     if t.dim() != 2:
@@ -81,6 +93,12 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def _out_ok(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype, dev: torch.device) -> bool:
     return out.shape == shape and out.dtype == dtype and out.device == dev and out.is_contiguous()
+
+
+def _fail_strided_weight(op: str, name: str, t: torch.Tensor) -> None:
+    raise InvalidArgumentError(op, name, "a contiguous tensor (unit stride)",
+                               f"a strided view (stride {tuple(t.stride())})",
+                               f"Make '{name}' contiguous once when the layer is loaded ({name}.contiguous())")
 
 
 def _fail_out(op: str, name: str, out: object, shape: torch.Size, dtype: torch.dtype, device: torch.device,
@@ -224,6 +242,10 @@ class _Norm(Op):
         _check_float_dtype(cls.name, spec.dtype)
         _check_positive_int(cls.name, "spec.hidden_size", spec.hidden_size)
         _check_eps(cls.name, spec.eps)
+        for flag in ("fused_residual", "has_bias"):
+            v = getattr(spec, flag, False)
+            if not isinstance(v, bool):
+                raise InvalidArgumentError(cls.name, f"spec.{flag}", "a bool", repr(v))
 
     def _fail(self, x: object, weight: object) -> None:
         op, h, dt = self.name, self._h, self._dt
@@ -232,6 +254,8 @@ class _Norm(Op):
             raise InvalidArgumentError(op, "x", f"a tensor [..., H] with H = {h} (spec.hidden_size)",
                                        f"shape {fmt_shape(tuple(x.shape))}")
         check_tensor(op, "weight", weight, shape=(h,), dims="H", dtypes=(dt,), device=x.device)
+        if not weight.is_contiguous():
+            _fail_strided_weight(op, "weight", weight)
         raise InvalidArgumentError(op, "x", "valid arguments", "a combination the checks could not place")
 
     def _fail_like_x(self, name: str, t: object, x: torch.Tensor, why: str = "") -> None:
@@ -245,7 +269,9 @@ class RMSNorm(_Norm):
     and the norm of that, returning ``(out, residual_out)``.
 
     ``out`` may be ``x`` and ``residual_out`` may be ``residual`` (in place); ``out`` and ``residual_out`` must
-    differ. Outputs must be contiguous.
+    differ. Outputs must be contiguous. ``x`` and ``residual`` may be strided (kernels get rows with a unit last
+    stride); ``weight`` must be contiguous and a strided one is **rejected** naming it (kernels read it as a
+    dense [H] array; a weight is made contiguous once at load, not copied on every call).
     """
 
     name = "rms_norm"
@@ -270,7 +296,7 @@ class RMSNorm(_Norm):
             xs = x.shape
             dev = x.device
             ok = (xs[-1] == h and x.dtype == dt and weight.dtype == dt and weight.shape == self._hs
-                  and weight.device == dev)
+                  and weight.device == dev and weight.is_contiguous())
         except (AttributeError, IndexError):
             ok = False
         if not ok:
@@ -312,7 +338,8 @@ class RMSNorm(_Norm):
 
 class LayerNorm(_Norm):
     """``out[..., H] = (x - mean) / sqrt(var + eps) * weight (+ bias)``. ``out`` may be ``x``; it must be
-    contiguous."""
+    contiguous. ``weight`` and ``bias`` must be contiguous: strided ones are **rejected** naming the argument
+    (as for :class:`RMSNorm`)."""
 
     name = "layer_norm"
     spec_type = LayerNormSpec
@@ -335,20 +362,22 @@ class LayerNorm(_Norm):
             xs = x.shape
             dev = x.device
             ok = (xs[-1] == h and x.dtype == dt and weight.dtype == dt and weight.shape == self._hs
-                  and weight.device == dev)
+                  and weight.device == dev and weight.is_contiguous())
         except (AttributeError, IndexError):
             ok = False
         if not ok:
             self._fail(x, weight)
         if bias is not None:
             try:
-                ok = self._bias and bias.dtype == dt and bias.shape == self._hs and bias.device == dev
+                ok = (self._bias and bias.dtype == dt and bias.shape == self._hs and bias.device == dev
+                      and bias.is_contiguous())
             except AttributeError:
                 ok = False
             if not ok:
                 if not self._bias:
                     raise InvalidArgumentError("layer_norm", "bias", "None (spec.has_bias is False)", "a tensor")
                 check_tensor("layer_norm", "bias", bias, shape=(h,), dims="H", dtypes=(dt,), device=x.device)
+                _fail_strided_weight("layer_norm", "bias", bias)
         elif self._bias:
             raise InvalidArgumentError("layer_norm", "bias", "a tensor [H] (spec.has_bias is True)", "None")
         if out is None:
@@ -374,9 +403,10 @@ class RotarySpec:
     :param dtype: dtype of q, k and the outputs.
     :param style: ``"neox"`` rotates halves (pairs ``(i, i + R/2)``), ``"gptj"`` rotates interleaved pairs
         ``(2i, 2i + 1)``; pair ``i`` turns by ``position * inv_freq[i]`` in both.
-    :param max_position: P, the rows of the cos/sin cache (keyword-only). Positions are NOT checked against it
-        per call (that would need a device sync): the cache, built for P positions, bounds them, and a position
-        outside ``[0, P)`` is the caller's error with backend-defined results.
+    :param max_position: P, the rows of the cos/sin cache (keyword-only). Every position must lie in
+        ``[0, P)``: a kernel reads row ``position`` of the cache, so one outside it reads other memory. The op
+        checks the range once per positions tensor (one host read, memoized across layers; see :class:`Rotary`).
+        ``P * rotary_dim`` is at most ``2**31`` (:data:`MAX_ROPE_CACHE_ELEMENTS`).
     """
 
     head_size: int
@@ -467,16 +497,36 @@ class RopeScaling:
         if self.rope_type not in ROPE_SCALING_TYPES:
             raise InvalidArgumentError(op, "rope_type", f"one of {', '.join(ROPE_SCALING_TYPES)}",
                                        repr(self.rope_type))
-        f = self.factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (f > 0) or math.isinf(f):
-            raise InvalidArgumentError(op, "factor", "a finite number > 0", repr(f))
+        _check_finite_positive(op, "factor", self.factor)
         if self.rope_type != "linear":
             _check_positive_int(op, "original_max_position_embeddings", self.original_max_position_embeddings)
-        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-            raise InvalidArgumentError(op, "high_freq_factor", f"> low_freq_factor ({self.low_freq_factor})",
-                                       repr(self.high_freq_factor))
-        if self.attention_factor is not None and not self.attention_factor > 0:
-            raise InvalidArgumentError(op, "attention_factor", "a number > 0 or None", repr(self.attention_factor))
+        if self.rope_type == "llama3":
+            # wavelength bounds are original_max_position / factor: a zero factor divides by zero
+            _check_finite_positive(op, "low_freq_factor", self.low_freq_factor)
+            _check_finite_positive(op, "high_freq_factor", self.high_freq_factor)
+            if not self.high_freq_factor > self.low_freq_factor:
+                raise InvalidArgumentError(op, "high_freq_factor", f"> low_freq_factor ({self.low_freq_factor})",
+                                           repr(self.high_freq_factor))
+        if self.rope_type == "yarn":
+            # the correction range is log(orig / (2 pi beta)): beta must be a finite number > 0
+            _check_finite_positive(op, "beta_fast", self.beta_fast)
+            _check_finite_positive(op, "beta_slow", self.beta_slow)
+            for name in ("mscale", "mscale_all_dim"):
+                v = getattr(self, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise InvalidArgumentError(op, name, "a finite number or None", repr(v))
+            if not isinstance(self.truncate, bool):
+                raise InvalidArgumentError(op, "truncate", "a bool", repr(self.truncate))
+        if self.attention_factor is not None:
+            _check_finite_positive(op, "attention_factor", self.attention_factor)
+        try:
+            a = self.attention_scaling
+        except ZeroDivisionError:
+            a = float("nan")
+        if not (math.isfinite(a) and a > 0):
+            raise InvalidArgumentError(op, "mscale_all_dim", "mscale values giving a finite attention factor > 0",
+                                       f"mscale={self.mscale!r}, mscale_all_dim={self.mscale_all_dim!r} "
+                                       f"(attention factor {a})")
 
     @property
     def attention_scaling(self) -> float:
@@ -535,6 +585,13 @@ class RopeScaling:
         return cls(rope_type=kind, **kwargs)
 
 
+def _check_cache_size(op: str, name: str, max_position: int, rotary_dim: int) -> None:
+    if max_position * rotary_dim > MAX_ROPE_CACHE_ELEMENTS:
+        raise InvalidArgumentError(op, name, f"max_position * rotary_dim <= 2**31 (at most "
+                                   f"{MAX_ROPE_CACHE_ELEMENTS // rotary_dim} positions for rotary_dim {rotary_dim})",
+                                   repr(max_position), "Use the model's real context length")
+
+
 def rope_inv_freq(rotary_dim: int, base: float, scaling: Optional[RopeScaling] = None,
                   max_position: Optional[int] = None) -> Tuple[torch.Tensor, float]:
     """The per-pair inverse frequencies ``inv_freq[R/2]`` (float64, on the host) and the attention factor.
@@ -545,11 +602,29 @@ def rope_inv_freq(rotary_dim: int, base: float, scaling: Optional[RopeScaling] =
     _check_positive_int(op, "rotary_dim", rotary_dim)
     if rotary_dim % 2:
         raise InvalidArgumentError(op, "rotary_dim", "an even int", repr(rotary_dim))
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
-        raise InvalidArgumentError(op, "base", "a number > 0", repr(base))
+    _check_finite_positive(op, "base", base)
     if scaling is not None and not isinstance(scaling, RopeScaling):
         raise InvalidArgumentError(op, "scaling", "a RopeScaling or None", type(scaling).__name__,
                                    "Use RopeScaling.from_hf(config.rope_scaling) to map an HF dict")
+    if scaling is not None and scaling.rope_type == "yarn" and not base > 1:
+        raise InvalidArgumentError(op, "base", "a number > 1 for yarn scaling (its correction range divides by "
+                                   "log(base))", repr(base))
+    try:
+        inv, attn = _inv_freq(rotary_dim, float(base), scaling, max_position)
+    except InvalidArgumentError:
+        raise
+    except (OverflowError, ZeroDivisionError, ValueError) as e:
+        raise InvalidArgumentError(op, "scaling", "parameters giving finite frequencies",
+                                   f"{scaling!r} with base {base!r} ({type(e).__name__}: {e})") from None
+    if not (bool(torch.isfinite(inv).all()) and math.isfinite(attn) and attn > 0):
+        raise InvalidArgumentError(op, "scaling", "parameters giving finite frequencies and attention factor",
+                                   f"{scaling!r} with base {base!r}")
+    return inv, attn
+
+
+def _inv_freq(rotary_dim: int, base: float, scaling: Optional[RopeScaling],
+              max_position: Optional[int]) -> Tuple[torch.Tensor, float]:
+    op = "rope_cos_sin_cache"
     r = rotary_dim
     exponents = torch.arange(0, r, 2, dtype=torch.float64) / r              # [R/2]
     kind = scaling.rope_type if scaling is not None else None
@@ -600,6 +675,8 @@ def rope_cos_sin_cache(rotary_dim: int, max_position: int, base: float, scaling:
     ``R/2`` entries and ``sin(p * inv_freq)`` in the rest, times yarn's attention factor. Computed in float64
     on the host, then cast and moved once."""
     _check_positive_int("rope_cos_sin_cache", "max_position", max_position)
+    _check_positive_int("rope_cos_sin_cache", "rotary_dim", rotary_dim)
+    _check_cache_size("rope_cos_sin_cache", "max_position", max_position, rotary_dim)
     inv_R2, attn = rope_inv_freq(rotary_dim, base, scaling, max_position)
     angles_PR2 = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_R2)
     cache_PR = torch.cat((angles_PR2.cos(), angles_PR2.sin()), dim=-1)
@@ -652,21 +729,50 @@ def _rotary_native(spec: RotarySpec) -> Callable:
     return rotary_native
 
 
+# The last positions tensor whose range was read: [tensor, version counter, min, max]. Every layer of a forward
+# pass gets the same positions tensor, so one host read serves them all; an in-place write bumps the version.
+_POSITIONS_SEEN: List[Any] = [None, None, 0, 0]
+
+
+def _position_range(positions: torch.Tensor) -> Tuple[int, int]:
+    """``(min, max)`` of a non-empty positions tensor, memoized on the tensor while it is not written."""
+    seen = _POSITIONS_SEEN
+    try:
+        version = positions._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+        version = None
+    if positions is seen[0] and version is not None and version == seen[1]:
+        return seen[2], seen[3]
+    lo_t, hi_t = torch.aminmax(positions)
+    lo, hi = int(lo_t), int(hi_t)
+    seen[:] = [positions, version, lo, hi]
+    return lo, hi
+
+
 class Rotary(Op):
     """Apply rotary embeddings: ``(q_out[T, Hq, D], k_out[T, Hkv, D])`` from ``positions[T]`` (int32/int64)
     and ``cos_sin_cache[max_position, rotary_dim]`` (float32, see :func:`rope_cos_sin_cache`).
 
-    ``q_out`` may be ``q`` and ``k_out`` may be ``k`` (in place). Every tensor needs a unit stride on its last
-    dim (q and k may be views of a fused qkv projection). Position values are not checked (see
-    :class:`RotarySpec`): only their dtype, shape and device.
+    ``q_out`` may be ``q`` and ``k_out`` may be ``k`` (in place). ``q``, ``k`` and the outputs need a unit
+    stride on their last dim (q and k may be views of a fused qkv projection).
+
+    Memory safety, decided per argument (a kernel reads cache row ``positions[t]`` through raw offsets):
+
+    - ``positions`` values must lie in ``[0, max_position)``; the range is checked before any kernel runs, with one
+      host read per positions tensor: the result is memoized on the tensor (and its in-place version counter),
+      so the layers of one forward pass that share the batch's positions pay one check, not one each. A strided
+      ``positions`` view is **copied** to a contiguous tensor (small, per call).
+    - ``cos_sin_cache`` must be contiguous: a strided one is **rejected** naming it (it is built once, by
+      :func:`rope_cos_sin_cache`, which returns a contiguous tensor).
     """
 
     name = "rotary_embedding"
     spec_type = RotarySpec
-    __slots__ = ("_dt", "_qhd", "_khd", "_cs")
+    __slots__ = ("_dt", "_qhd", "_khd", "_cs", "_maxp")
 
     def __init__(self, spec: RotarySpec, kernel: Callable, selection=None) -> None:
         super().__init__(spec, kernel, selection)
+        self._maxp = spec.max_position
         self._dt = spec.dtype
         self._qhd = (spec.num_heads, spec.head_size)
         self._khd = (spec.num_kv_heads, spec.head_size)
@@ -683,6 +789,7 @@ class Rotary(Op):
                                        repr(spec.rotary_dim))
         if spec.style not in ROTARY_STYLES:
             raise InvalidArgumentError(op, "spec.style", f"one of {', '.join(ROTARY_STYLES)}", repr(spec.style))
+        _check_cache_size(op, "spec.max_position", spec.max_position, spec.rotary_dim)
 
     @classmethod
     def native(cls, spec: RotarySpec) -> Callable:
@@ -704,11 +811,20 @@ class Rotary(Op):
                   and len(qs) == 3 and len(ks) == 3 and positions.shape == (t,)
                   and (pd == torch.int64 or pd == torch.int32) and cos_sin_cache.dtype == torch.float32
                   and cos_sin_cache.shape == self._cs and k.device == dev and positions.device == dev
-                  and cos_sin_cache.device == dev and q.stride(-1) == 1 and k.stride(-1) == 1)
+                  and cos_sin_cache.device == dev and q.stride(-1) == 1 and k.stride(-1) == 1
+                  and cos_sin_cache.is_contiguous())
         except (AttributeError, IndexError, TypeError, ValueError):
             ok = False
         if not ok:
             self._fail(positions, q, k, cos_sin_cache)
+        if t:
+            lo, hi = _position_range(positions)
+            if lo < 0 or hi >= self._maxp:
+                raise InvalidArgumentError(self.name, "positions", f"values in [0, {self._maxp}) (spec.max_position, "
+                                           f"the rows of cos_sin_cache)", f"values in [{lo}, {hi}]",
+                                           "Build the cache and spec for the model's context length")
+            if not positions.is_contiguous():
+                positions = positions.contiguous()
         if q_out is None:
             q_out = torch.empty(qs, dtype=dt, device=q.device)
         elif q_out is not q:
@@ -745,6 +861,8 @@ class Rotary(Op):
         for name, x in (("q", q), ("k", k)):
             if x.stride(-1) != 1:
                 raise InvalidArgumentError(op, name, "a unit stride on the last dim", f"stride {x.stride()}")
+        if not cache.is_contiguous():
+            _fail_strided_weight(op, "cos_sin_cache", cache)
         raise InvalidArgumentError(op, "q", "valid arguments", "a combination the checks could not place")
 
 

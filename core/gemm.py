@@ -24,6 +24,18 @@ __all__ = ["GemmSpec", "GemmCapability", "Gemm", "gemm_reference", "GroupedGemmS
            "GroupedGemm", "grouped_gemm_reference", "GROUPED_GEMM_MODES"]
 
 
+def _check_flag(op: str, name: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise InvalidArgumentError(op, name, "a bool", repr(v))
+
+
+def _check_features(op: str, spec: object) -> None:
+    for name in ("in_features", "out_features"):
+        v = getattr(spec, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise InvalidArgumentError(op, f"spec.{name}", "a positive int or None", repr(v))
+
+
 @dataclass(frozen=True)
 class GemmSpec:
     """A dense GEMM as a layer is built.
@@ -92,7 +104,13 @@ def _native(spec: GemmSpec) -> Callable:
 
 
 class Gemm(Op):
-    """``y[..., N] = x[..., K] @ weight[N, K].T (+ bias[N])``."""
+    """``y[..., N] = x[..., K] @ weight[N, K].T (+ bias[N])``.
+
+    Layouts: ``x`` and ``weight`` may be any strided views (kernels take row strides and copy a non-unit last
+    stride themselves); ``bias`` must be contiguous and a strided one is **rejected** naming ``bias`` (kernels
+    read it as a dense [N] array; it is a weight, made contiguous once at load rather than copied on every call);
+    ``out`` must be contiguous.
+    """
 
     name = "gemm"
     spec_type = GemmSpec
@@ -100,13 +118,17 @@ class Gemm(Op):
 
     @classmethod
     def check_spec(cls, spec: GemmSpec) -> None:
+        """Every field is checked here, at build, so a spec no call could honour never reaches selection: a
+        string or integer ``out_dtype`` would otherwise fail (or silently produce integers) on the first call."""
         if spec.dtype not in FLOAT_DTYPES:
             raise InvalidArgumentError("gemm", "spec.dtype", "one of float32, float16, bfloat16",
                                        dtype_name(spec.dtype), "Quantized GEMMs are a separate op")
-        for name in ("in_features", "out_features"):
-            v = getattr(spec, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise InvalidArgumentError("gemm", f"spec.{name}", "a positive int or None", v)
+        if spec.out_dtype is not None and spec.out_dtype not in FLOAT_DTYPES:
+            raise InvalidArgumentError("gemm", "spec.out_dtype", "None or one of float32, float16, bfloat16 (a "
+                                       "torch.dtype)", repr(spec.out_dtype),
+                                       "Pass a torch.dtype such as torch.float16; quantized outputs are a separate op")
+        _check_flag("gemm", "spec.has_bias", spec.has_bias)
+        _check_features("gemm", spec)
 
     @classmethod
     def native(cls, spec: GemmSpec) -> Callable:
@@ -141,7 +163,8 @@ class Gemm(Op):
         n = ws[0]
         if bias is not None:
             try:
-                ok = self._bias and bias.dtype == dt and bias.shape == (n,) and bias.device == dev
+                ok = (self._bias and bias.dtype == dt and bias.shape == (n,) and bias.device == dev
+                      and bias.is_contiguous())
             except AttributeError:
                 ok = False
             if not ok:
@@ -189,6 +212,9 @@ class Gemm(Op):
             raise InvalidArgumentError("gemm", "bias", "None (spec.has_bias is False)", "a tensor")
         check_tensor("gemm", "bias", bias, shape=(weight.shape[0],), dims="N", dtypes=(self.spec.dtype,),
                      device=x.device)
+        raise InvalidArgumentError("gemm", "bias", "a contiguous tensor [N] (unit stride)",
+                                   f"a strided view (stride {tuple(bias.stride())})",
+                                   "Make the bias contiguous once when the layer is loaded (bias.contiguous())")
 
     def _fail(self, x: object, weight: object) -> None:
         spec = self.spec
@@ -308,7 +334,9 @@ class GroupedGemm(Op):
 
     ``groups`` is an expert id per row (``mode="ids"``, [M]) or the row count of each expert with rows sorted by
     expert (``mode="segments"``, [E], summing to M). Group values are checked (ids in range, sizes summing to M):
-    a wrong id would read another expert's weights, so this check costs one host read per call.
+    a wrong id would read another expert's weights, so this check costs one host read per call. A strided
+    ``groups`` view is **copied** to a contiguous tensor before the kernel runs (kernels index it as a dense
+    array; it is small and changes every call).
     """
 
     name = "grouped_gemm"
@@ -320,14 +348,12 @@ class GroupedGemm(Op):
         if spec.dtype not in FLOAT_DTYPES:
             raise InvalidArgumentError("grouped_gemm", "spec.dtype", "one of float32, float16, bfloat16",
                                        dtype_name(spec.dtype))
-        if not isinstance(spec.num_experts, int) or spec.num_experts <= 0:
-            raise InvalidArgumentError("grouped_gemm", "spec.num_experts", "a positive int", spec.num_experts)
-        if spec.mode not in GROUPED_GEMM_MODES:
-            raise InvalidArgumentError("grouped_gemm", "spec.mode", f"one of {GROUPED_GEMM_MODES}", spec.mode)
-        for name in ("in_features", "out_features"):
-            v = getattr(spec, name)
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise InvalidArgumentError("grouped_gemm", f"spec.{name}", "a positive int or None", v)
+        e = spec.num_experts
+        if isinstance(e, bool) or not isinstance(e, int) or e <= 0:
+            raise InvalidArgumentError("grouped_gemm", "spec.num_experts", "a positive int", repr(e))
+        if not isinstance(spec.mode, str) or spec.mode not in GROUPED_GEMM_MODES:
+            raise InvalidArgumentError("grouped_gemm", "spec.mode", f"one of {GROUPED_GEMM_MODES}", repr(spec.mode))
+        _check_features("grouped_gemm", spec)
 
     @classmethod
     def native(cls, spec: GroupedGemmSpec) -> Callable:
@@ -366,6 +392,8 @@ class GroupedGemm(Op):
             if min(sizes) < 0 or sum(sizes) != m:
                 raise InvalidArgumentError(op, "groups", f"non-negative sizes summing to M = {m}",
                                            f"sizes {sizes[:16]} (sum {sum(sizes)})")
+        if not groups.is_contiguous():  # kernels read groups as a dense array: a small per-call copy
+            groups = groups.contiguous()
         if out is None:
             out = torch.empty((m, n), dtype=dt, device=dev)
         else:

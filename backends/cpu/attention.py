@@ -95,7 +95,7 @@ class _DecodeBatch:
     in a block column are a prefix: per column chunk ``j`` the gather rows of its ``active[j]`` sequences, and a
     mask (True = not a position of the sequence's key range) over the chunk's positions."""
 
-    __slots__ = ("tokens", "contiguous", "num", "c", "active", "rows", "mask")
+    __slots__ = ("tokens", "contiguous", "num", "c", "active", "rows", "mask", "masked_chunks")
 
     def __init__(self) -> None:
         self.tokens = None      # [S] token index of each decode sequence's query, in processing order
@@ -105,6 +105,7 @@ class _DecodeBatch:
         self.active = []        # per chunk: number of sequences with a block in it
         self.rows = []          # per chunk: [active * Hkv * c] tile ids (HND) or [active * Hkv * c * P] row ids
         self.mask = None        # [chunks, S, 1, c * P] bool or None when every gathered position is valid
+        self.masked_chunks = ()  # the chunks whose mask has a True (their gathered V rows are zeroed there)
 
 
 def _decode_batch(meta, spec: AttentionSpec, plans: List[_Plan], c: int) -> _DecodeBatch:
@@ -149,6 +150,8 @@ def _decode_batch(meta, spec: AttentionSpec, plans: List[_Plan], c: int) -> _Dec
             rows = ((blk.unsqueeze(1).unsqueeze(-1) * P + off) * hkv + heads.view(1, hkv, 1, 1))  # [n, Hkv, c, P]
         out.rows.append(rows.reshape(-1))
     out.mask = mask if need_mask else None
+    if need_mask:
+        out.masked_chunks = tuple(j for j in range(nch) if bool(mask[j].any()))
     return out
 
 
@@ -160,7 +163,7 @@ class _TileBatch:
     is reduced with scatter operations, and ``P @ V`` tile outputs are summed per sequence with ``index_add_``.
     K and V are each read once, sequentially. Unused blocks inside the range cost their reads and are masked."""
 
-    __slots__ = ("lo", "hi", "tokens", "q_rows", "owner_rows", "valid", "num")
+    __slots__ = ("lo", "hi", "tokens", "q_rows", "owner_rows", "valid", "num", "partial", "partial_valid")
 
     def __init__(self) -> None:
         self.lo = self.hi = 0
@@ -168,6 +171,8 @@ class _TileBatch:
         self.q_rows = None      # [span * Hkv] row of q viewed [T * Hkv, G, D] for each tile (0 for unused tiles)
         self.owner_rows = None  # [span * Hkv] accumulator row (seq * Hkv + h); unused tiles go to a spare row
         self.valid = None       # [span, 1, 1, P] bool: the slot is a key position of the tile's owner
+        self.partial = None     # [n] owned (block, kv head) tile ids with a slot outside the owner's key range
+        self.partial_valid = None  # [n, P, 1] bool: their valid slots
         self.num = 0
 
 
@@ -205,6 +210,11 @@ def _tile_batch(meta, spec: AttentionSpec, dec: List["_Plan"]) -> "_TileBatch | 
     tb.q_rows = (tb.tokens[owner].unsqueeze(1) * hkv + heads).reshape(-1)
     tb.owner_rows = (owner.unsqueeze(1) * hkv + heads).reshape(-1)
     tb.valid = valid.view(span, 1, 1, P)
+    # owned blocks with a slot outside the key range: those slots' V (never written, may hold anything, NaN
+    # included) must not reach P @ V, where a zero probability times NaN would still give NaN
+    part_B = ((owner < S) & ~valid.all(dim=1)).nonzero().flatten()
+    tb.partial = (part_B.unsqueeze(1) * hkv + heads).reshape(-1)
+    tb.partial_valid = valid[part_B].repeat_interleave(hkv, dim=0).unsqueeze(2)
     return tb
 
 
@@ -339,6 +349,8 @@ def _build(spec: AttentionSpec):
             vb = buffer("kv", kv_n, cdt)[:n * cp * d].view(-1, v_src.shape[1])
             torch.index_select(v_src, 0, rows, out=vb)
             vb = vb.view(n, cp, d)
+            if j in batch.masked_chunks:  # positions outside a key range: zero V there (0 * NaN is NaN)
+                vb.view(-1, hkv, cp, d).masked_fill_(batch.mask[j, :batch.active[j], :, :, None], 0)
             if cdt != dt:
                 vb = vb.to(dt)
             if dt == torch.float32:
@@ -359,7 +371,7 @@ def _build(spec: AttentionSpec):
         v_TPD = v_cache[tb.lo:tb.hi].view(span * hkv, P, d)
         if cdt != dt:
             k_TPD, v_TPD = k_TPD.to(dt), v_TPD.to(dt)
-        q_TGD = q_THD.view(-1, g, d).index_select(0, tb.q_rows)  # each tile's owner's query group
+        q_TGD = q_THD.reshape(-1, g, d).index_select(0, tb.q_rows)  # each tile's owner's query group
         s_TGP = torch.bmm(q_TGD, k_TPD.transpose(1, 2))
         s_TGP = s_TGP.float() if dt != torch.float32 else s_TGP
         if cap is None:
@@ -377,6 +389,9 @@ def _build(spec: AttentionSpec):
         den_RG = torch.zeros((S + 1) * hkv, g).index_add_(0, rows, s_TGP.sum(dim=2))
         p_TGP = s_TGP if dt == torch.float32 else s_TGP.to(dt)
         o_TGD = torch.bmm(p_TGP, v_TPD)
+        if tb.partial.numel():  # recompute the tiles with unused slots, their V zeroed there
+            v_part = v_TPD.index_select(0, tb.partial).masked_fill_(~tb.partial_valid, 0)
+            o_TGD.index_copy_(0, tb.partial, torch.bmm(p_TGP.index_select(0, tb.partial), v_part))
         acc_RGD = torch.zeros((S + 1) * hkv, g, d).index_add_(0, rows, o_TGD.float() if dt != torch.float32 else o_TGD)
         acc_RGD.div_(den_RG.unsqueeze(2))
         out_THD.index_copy_(0, tb.tokens[:S], acc_RGD[:S * hkv].view(S, hq, d).to(dt))
@@ -394,16 +409,20 @@ def _build(spec: AttentionSpec):
             v = gather(v_rows, rows, "v", nh, L)
             # SDPA's CPU kernel is slower on a strided query: pay for one small copy instead.
             q_1HQD = q_THD[t0:t0 + n, h0 * g:h1 * g].transpose(0, 1).unsqueeze(0).contiguous()  # [1, nh, Q, D]
-            if cap is None:
+            # SDPA's CPU kernels mishandle a NaN in q or K (a zero row, or NaN leaking through the mask) where
+            # the contract propagates it to exactly the queries that see it: such inputs take the explicit path
+            # (the check is far cheaper than the op)
+            if cap is None and not bool(torch.isnan(q_1HQD).any() | torch.isnan(k).any()):
                 if plan.causal_square:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, is_causal=True, scale=scale)
                 else:
                     o = F.scaled_dot_product_attention(q_1HQD, k, v, attn_mask=plan.mask, scale=scale)
                 out_THD[t0:t0 + n, h0 * g:h1 * g].copy_(o[0].transpose(0, 1))
             else:
-                capped(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
+                explicit(q_1HQD, k, v, plan, out_THD, h0 * g, h1 * g)
 
-    def capped(q_1HQD, k, v, plan, out_THD, hq0, hq1):
+    def explicit(q_1HQD, k, v, plan, out_THD, hq0, hq1):
+        """Scores -> (soft-cap) -> mask -> softmax -> P @ V in float32, in query chunks."""
         n, L, t0 = plan.q_len, plan.L, plan.start
         nh = hq1 - hq0
         step = max(1, _MAX_SCORES // max(1, nh * L))
@@ -413,7 +432,8 @@ def _build(spec: AttentionSpec):
         kT = k.transpose(2, 3)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
-            s = torch.matmul(q_1HQD[:, :, c0:c1], kT).float().mul_(scale / cap).tanh_().mul_(cap)
+            s = torch.matmul(q_1HQD[:, :, c0:c1], kT).float()
+            s = s.mul_(scale) if cap is None else s.mul_(scale / cap).tanh_().mul_(cap)
             if mask is not None:
                 s.masked_fill_(~mask[c0:c1], float("-inf"))
             o = torch.matmul(torch.softmax(s, dim=-1).to(dt), v)  # [1, nh, c, D]

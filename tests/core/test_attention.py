@@ -340,3 +340,43 @@ def test_reshape_and_cache_native_and_reference(make_backend, layout):
     pick = (lambda c, b, o: c[b, o]) if layout == "NHD" else (lambda c, b, o: c[b, :, o])
     assert torch.equal(pick(rk, 3, 1), key[0].double()) and torch.equal(pick(rv, 0, 0), value[5].double())
     assert int((rk != 0).any(-1).sum()) == 4 * spec.num_kv_heads
+
+
+# -- memory safety of the index tensors ------------------------------------------------------------------------------
+
+def _strided(t):
+    """The same values as a stride-2 view with junk in the gaps (what a dense read of it would misread)."""
+    return torch.stack([t, torch.full_like(t, 1 << 20)], -1)[..., 0]
+
+
+def test_metadata_copies_strided_index_tensors_once():
+    t = lambda x, dt=I32: torch.tensor(x, dtype=dt)  # noqa: E731
+    starts, lens, table, slots = t([0, 3, 4]), t([3, 6]), t([[5, 0], [1, 2]]), t([20, 21, 22, 9], torch.int64)
+    m = AttentionMetadata.build(_strided(starts), _strided(lens), _strided(table), 4, slot_mapping=_strided(slots))
+    for name, want in (("query_start_loc", starts), ("seq_lens", lens), ("block_table", table),
+                       ("slot_mapping", slots)):
+        got = getattr(m, name)
+        assert got.is_contiguous(), name
+        assert torch.equal(got, want), name
+    assert m.max_block_index == 5 and m.max_slot == 22
+    # contiguous inputs are kept as they are (no copy on the common path)
+    m2 = AttentionMetadata.build(starts, lens, table, 4, slot_mapping=slots)
+    assert m2.seq_lens is lens and m2.block_table is table and m2.slot_mapping is slots
+
+
+@pytest.mark.parametrize("n", [4, 200])  # both the small (host ints) and the large (sorted) path
+def test_metadata_rejects_duplicate_slots_naming_both_tokens(n):
+    slots = list(range(100, 100 + n))
+    slots[n - 1] = slots[1]
+    err = _raises("slot_mapping", _meta, [0, n], [n], [list(range((n + 3) // 4 + 30))], 4, slots)
+    assert f"slot_mapping[1] = slot_mapping[{n - 1}] = 101" in str(err)
+
+
+def test_metadata_padding_slots_may_repeat():
+    m = _meta([0, 4], [4], [[0, 1]], 4, [-1, 5, -1, -1])
+    assert m.num_padding_slots == 3 and m.max_slot == 5
+
+
+def test_kv_cache_dtype_and_causal_are_checked_at_build(make_backend):
+    _raises("spec.kv_cache_dtype", Attention.build, _spec(kv_cache_dtype=torch.int8), make_backend())
+    _raises("spec.causal", Attention.build, _spec(causal="no"), make_backend())

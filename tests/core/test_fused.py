@@ -543,3 +543,93 @@ def test_references_are_exposed_on_the_ops():
     assert torch.equal(GeluAndMul.reference(x, "tanh"), gelu_and_mul_reference(x, "tanh"))
     assert RMSNorm.reference is rms_norm_reference and Rotary.reference is rotary_reference
     assert LayerNorm.reference is layer_norm_reference
+
+
+# -- memory safety: positions, caches and weights a kernel reads through raw offsets ------------------------------
+
+def _rotary_op(backend, P=8):
+    return Rotary.build(RotarySpec(head_size=8, rotary_dim=8, num_heads=2, num_kv_heads=1, dtype=torch.float32,
+                                   max_position=P), backend)
+
+
+@pytest.mark.parametrize("bad", [8, 9, -1, 10 ** 6])
+def test_rotary_rejects_positions_outside_the_cache(spy, bad):
+    op = _rotary_op(spy)
+    pos = torch.tensor([0, bad, 3])
+    _expect("positions", "values in [0, 8)", op, pos, torch.randn(3, 2, 8), torch.randn(3, 1, 8),
+            rope_cos_sin_cache(8, 8, 10000.0))
+    assert CALLS == []
+
+
+def test_rotary_reads_a_positions_tensor_once_until_it_is_written(spy, monkeypatch):
+    op = _rotary_op(spy)
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    pos, cache = torch.tensor([0, 5, 7]), rope_cos_sin_cache(8, 8, 10000.0)
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    for _ in range(4):  # the layers of one forward pass share the batch's positions
+        op(pos, q, k, cache)
+    assert len(reads) == 1 and len(CALLS) == 4
+    pos[1] = 8  # written in place: the version counter moves and the range is read again
+    with pytest.raises(InvalidArgumentError, match="'positions'"):
+        op(pos, q, k, cache)
+    assert len(reads) == 2 and len(CALLS) == 4
+
+
+def test_rotary_copies_strided_positions_and_rejects_a_strided_cache(spy):
+    op = _rotary_op(spy)
+    seen = []
+    op.kernel = lambda positions, *rest: seen.append(positions.is_contiguous())
+    pos = torch.stack([torch.tensor([1, 2, 3]), torch.tensor([10 ** 6] * 3)], 1)[:, 0]
+    cache = rope_cos_sin_cache(8, 8, 10000.0)
+    op(pos, torch.randn(3, 2, 8), torch.randn(3, 1, 8), cache)
+    assert seen == [True]
+    _expect("cos_sin_cache", "contiguous", op, pos, torch.randn(3, 2, 8), torch.randn(3, 1, 8), cache.t().contiguous().t())
+
+
+@pytest.mark.parametrize("cls,spec", [(RMSNorm, RMSNormSpec(8, torch.float32)), (LayerNorm, LayerNormSpec(8, torch.float32))])
+def test_norms_reject_a_strided_weight_or_bias(spy, cls, spec):
+    op = cls.build(spec, spy)
+    w = torch.randn(16)[::2]
+    args = (torch.randn(3, 8), w) + ((torch.randn(8),) if cls is LayerNorm else ())
+    _expect("weight", "contiguous", op, *args)
+    if cls is LayerNorm:
+        _expect("bias", "contiguous", op, torch.randn(3, 8), w.contiguous(), torch.randn(16)[::2])
+    assert CALLS == []
+
+
+@pytest.mark.parametrize("cls,spec,argument", [
+    (RMSNorm, RMSNormSpec(8, torch.float32, fused_residual=1), "spec.fused_residual"),
+    (LayerNorm, LayerNormSpec(8, torch.float32, has_bias="yes"), "spec.has_bias"),
+    (Rotary, RotarySpec(8, 8, 2, 1, torch.float32, max_position=10 ** 12), "spec.max_position"),
+])
+def test_more_spec_fields_are_checked_at_build(spy, cls, spec, argument):
+    _expect(argument, "", cls.build, spec, spy)
+
+
+@pytest.mark.parametrize("kw,argument", [
+    (dict(rope_type="yarn", beta_fast=0.0), "beta_fast"),
+    (dict(rope_type="yarn", beta_fast=float("nan")), "beta_fast"),
+    (dict(rope_type="yarn", beta_slow=-1.0), "beta_slow"),
+    (dict(rope_type="yarn", mscale=float("inf")), "mscale"),
+    (dict(rope_type="yarn", mscale=1.0, mscale_all_dim=-10 / math.log(4.0)), "mscale_all_dim"),
+    (dict(rope_type="yarn", attention_factor=float("inf")), "attention_factor"),
+    (dict(rope_type="llama3", low_freq_factor=0.0), "low_freq_factor"),
+    (dict(rope_type="linear", factor=10 ** 400), "factor"),
+])
+def test_rope_scaling_rejects_degenerate_parameters_at_construction(kw, argument):
+    base = dict(factor=4.0, original_max_position_embeddings=64)
+    base.update(kw)
+    with pytest.raises(InvalidArgumentError) as e:
+        RopeScaling(**base)
+    assert e.value.argument == argument
+
+
+def test_rope_cache_rejects_yarn_base_one_and_absurd_lengths():
+    yarn = RopeScaling(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+    _expect("base", "> 1 for yarn", rope_cos_sin_cache, 8, 16, 1.0, yarn)
+    _expect("base", "finite", rope_cos_sin_cache, 8, 16, float("inf"))
+    _expect("max_position", "2**31", rope_cos_sin_cache, 8, 10 ** 12, 10000.0)
+    dyn = RopeScaling(rope_type="dynamic", factor=1e300, original_max_position_embeddings=1)
+    _expect("scaling", "finite", rope_cos_sin_cache, 8, 64, 10000.0, dyn)

@@ -96,3 +96,29 @@ def test_out_dtype_differs_from_input():
     y = op(x, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), Gemm.reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,argument", [
+    (dict(out_dtype="float16"), "spec.out_dtype"),
+    (dict(out_dtype=torch.int8), "spec.out_dtype"),
+    (dict(out_dtype=torch.float64), "spec.out_dtype"),
+    (dict(out_features=True), "spec.out_features"),
+    (dict(in_features=False), "spec.in_features"),
+    (dict(in_features=2.0), "spec.in_features"),
+    (dict(has_bias=1), "spec.has_bias"),
+    (dict(has_bias="yes"), "spec.has_bias"),
+])
+def test_spec_fields_are_checked_at_build_not_at_the_first_call(kw, argument):
+    with pytest.raises(InvalidArgumentError) as e:
+        Gemm.build(GemmSpec(torch.float32, **kw), _spy_backend())
+    assert e.value.argument == argument and "received" in str(e.value)
+
+
+def test_strided_bias_is_rejected_naming_it(op):
+    strided = torch.randn(8)[::2]  # [4], stride 2: a kernel reading it densely would take the wrong values
+    with pytest.raises(InvalidArgumentError) as e:
+        op(torch.randn(3, 8), W, strided)
+    assert e.value.argument == "bias" and "contiguous" in str(e.value)
+    assert CALLS == []
+    op(torch.randn(3, 8), W, strided.contiguous())
+    assert CALLS == [1]

@@ -82,3 +82,33 @@ def test_empty_batch_and_empty_experts(cpu):
     x = torch.randn(4, 5)
     y = op(x, w, torch.tensor([0, 4, 0]))
     torch.testing.assert_close(y, x @ w[1].T)
+
+
+@pytest.mark.parametrize("mode", ["ids", "segments"])
+def test_strided_groups_reach_the_kernel_contiguous(mode):
+    from anyaccel.core import Backend, BackendDef, KernelImpl
+
+    seen = []
+
+    def build(spec):
+        def kernel(x, w, groups, out):
+            seen.append(groups.is_contiguous())
+            return out.copy_(grouped_gemm_reference(x, w, groups, mode))
+        return kernel
+
+    backend = Backend.local(BackendDef("spy", "tests", "cpu"), [KernelImpl("grouped_gemm", "spy", "spy.gg", build)])
+    op = GroupedGemm.build(GroupedGemmSpec(num_experts=3, mode=mode), backend)
+    x, w = torch.randn(4, 5), torch.randn(3, 2, 5)
+    dense = torch.tensor([0, 0, 2, 1]) if mode == "ids" else torch.tensor([2, 1, 1])
+    groups = torch.stack([dense, torch.full_like(dense, 99)], 1)[:, 0]  # stride 2, junk in the gaps
+    assert not groups.is_contiguous()
+    y = op(x, w, groups)
+    assert seen == [True]
+    torch.testing.assert_close(y.double(), grouped_gemm_reference(x, w, dense, mode))
+
+
+def test_spec_rejects_bool_sizes(cpu):
+    with pytest.raises(InvalidArgumentError, match="spec.num_experts"):
+        GroupedGemm.build(GroupedGemmSpec(num_experts=True), cpu)
+    with pytest.raises(InvalidArgumentError, match="spec.out_features"):
+        GroupedGemm.build(GroupedGemmSpec(num_experts=2, out_features=True), cpu)

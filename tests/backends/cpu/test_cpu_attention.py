@@ -179,3 +179,70 @@ def test_decode_with_shared_blocks_takes_the_gather_path(make_backend):
     out = Attention.build(spec, be, strict=True)(b["q"], b["k_cache"], b["v_cache"], meta)
     ref = attention_reference(b["q"], b["k_cache"], b["v_cache"], meta, spec)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- NaN, unused slots and strided q (issue 9, item 6) ---------------------------------------------------------------
+
+def _nan_batch(layout, q_lens, seq_lens, seed=0):
+    from anyaccel.core.attention import AttentionMetadata, kv_cache_shape
+
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=16, block_size=16, kv_layout=layout)
+    g = torch.Generator().manual_seed(seed)
+    S, nb = len(seq_lens), 3
+    table = torch.randperm(S * nb + 1, generator=g)[:S * nb].view(S, nb).int()
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    meta = AttentionMetadata.build(starts, torch.tensor(seq_lens, dtype=torch.int32), table, 16)
+    shape = kv_cache_shape(spec, S * nb + 1)
+    kc, vc = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    q = torch.randn(sum(q_lens), 4, 16, generator=g)
+    return spec, meta, q, kc, vc
+
+
+_BATCHES = [([4], [4]), ([5, 1], [20, 33]), ([1, 1], [20, 33])]  # causal prefill, chunked + decode, decode
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("q_lens,seq_lens", _BATCHES)
+def test_nan_query_row_propagates_like_the_reference(cpu, layout, q_lens, seq_lens):
+    spec, meta, q, kc, vc = _nan_batch(layout, q_lens, seq_lens)
+    q[0, 1, 3] = float("nan")
+    out = Attention.build(spec, cpu)(q, kc, vc, meta)
+    ref = attention_reference(q, kc, vc, meta, spec)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and bool(torch.isnan(out[0, 1]).all())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_nan_key_poisons_only_the_queries_that_see_it(cpu, layout):
+    spec, meta, q, kc, vc = _nan_batch(layout, [2], [2])
+    blk = int(meta.block_table[0, 0])
+    (kc[blk, 1] if layout == "NHD" else kc[blk, :, 1]).fill_(float("nan"))  # position 1: query 0 does not see it
+    out = Attention.build(spec, cpu)(q, kc, vc, meta)
+    ref = attention_reference(q, kc, vc, meta, spec)
+    assert not bool(torch.isnan(out[0]).any()) and bool(torch.isnan(out[1]).all())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("q_lens,seq_lens", _BATCHES)
+def test_nan_and_inf_in_unused_cache_slots_do_not_leak(cpu, layout, q_lens, seq_lens):
+    spec, meta, q, kc, vc = _nan_batch(layout, q_lens, seq_lens)
+    used = torch.zeros(kc.shape[0], 16, dtype=torch.bool)
+    for s, L in enumerate(seq_lens):
+        for p in range(L):
+            used[int(meta.block_table[s, p // 16]), p % 16] = True
+    for c, v in ((kc, float("nan")), (vc, float("inf"))):
+        (c if layout == "NHD" else c.transpose(1, 2))[~used] = v
+    out = Attention.build(spec, cpu)(q, kc, vc, meta)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.double(), attention_reference(q, kc, vc, meta, spec), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("q_lens,seq_lens", _BATCHES)
+def test_token_major_transposed_q_is_accepted(cpu, layout, q_lens, seq_lens):
+    spec, meta, q, kc, vc = _nan_batch(layout, q_lens, seq_lens)
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qt.is_contiguous()
+    out = Attention.build(spec, cpu)(qt, kc, vc, meta)
+    torch.testing.assert_close(out.double(), attention_reference(q, kc, vc, meta, spec), rtol=1e-4, atol=1e-4)
