@@ -212,6 +212,7 @@ def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
     llama3 = RopeScaling("llama3", 8.0, original_max_position_embeddings=256, low_freq_factor=1.0,
                          high_freq_factor=4.0)
     yarn = RopeScaling("yarn", 4.0, original_max_position_embeddings=512)
+    dynamic = RopeScaling("dynamic", 2.0, original_max_position_embeddings=256)
     return [
         rms_norm_case(dtype, (7,), 4096, False, label="llama"),
         rms_norm_case(dtype, (7,), 4096, True, label="llama"),
@@ -230,6 +231,7 @@ def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
         rotary_case(dtype, 7, 4, 4, 80, 32, "neox", 300, label="phi-like"),
         rotary_case(dtype, 8, 8, 2, 64, 64, "neox", 2048, base=500000.0, scaling=llama3, label="llama3.1"),
         rotary_case(dtype, 8, 8, 2, 64, 64, "neox", 2048, scaling=yarn, label="yarn"),
+        rotary_case(dtype, 6, 4, 2, 64, 64, "neox", 1024, scaling=dynamic, label="dynamic NTK"),
         activation_case(dtype, "silu", (7,), 11008, label="llama"),
         activation_case(dtype, "silu", (3,), 13, label="odd d"),
         activation_case(dtype, "silu", (2, 3), 64, label="3-d x"),

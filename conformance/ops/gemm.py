@@ -117,6 +117,10 @@ def fixed_cases(backend: Any, dtype: torch.dtype) -> List[OpCase]:
         cases.append(make_case(dtype, (8,), 96, 40, True, out_dtype=torch.float32, label="fp32 out"))
         cases.append(make_case(dtype, (3,), 80, 16, True, out_dtype=torch.float32, label="exact fp32 out",
                                exact=True))
+    # every other output dtype a GEMM spec may ask for (rounded once, to the output dtype)
+    for out in (torch.float16, torch.bfloat16):
+        if out != dtype:
+            cases.append(make_case(dtype, (6,), 72, 24, True, out_dtype=out, label=f"{dtype_name(out)} out"))
     return cases
 
 
