@@ -73,6 +73,20 @@ def _blas_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
     return _SLOW_DOT(self, a, b, d, input_precision, max_num_imprecise_acc)
 
 
+_TRUNC_CAST = _interp.InterpreterBuilder.cast_impl
+
+
+def _rne_cast(self, src, dst_type):
+    """float32 -> bfloat16 rounded to nearest even, as a GPU's conversion does: the interpreter's own cast drops
+    the low 16 bits (truncation, up to one bfloat16 ulp of error where the contract allows half an ulp), which the
+    conformance bounds catch. Every other cast is the interpreter's."""
+    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return _interp.TensorHandle(bits, dst_type.scalar)
+    return _TRUNC_CAST(self, src, dst_type)
+
+
 def _patched_objects() -> List[object]:
     """Everything Triton's interpreter patches while it runs a kernel (``_patch_lang``), for a full restore."""
     # Not triton.language.standard: the interpreter adds its helpers to the globals of the stdlib functions it
@@ -88,7 +102,7 @@ def _patched_objects() -> List[object]:
 @contextlib.contextmanager
 def _interpreted_stdlib() -> Iterator[None]:
     """For one interpreted launch: interpreted twins of the compiled standard-library functions, float32
-    ``tl.dot`` through torch's BLAS, one torch thread; and afterwards every attribute of ``triton.language`` put
+    ``tl.dot`` through torch's BLAS, float32 -> bfloat16 casts rounded to nearest even, one torch thread; and afterwards every attribute of ``triton.language`` put
     back as it was.
 
     The full restore matters: an interpreted function called from a kernel (a stdlib twin) patches
@@ -97,6 +111,7 @@ def _interpreted_stdlib() -> Iterator[None]:
     """
     snapshot = [(obj, dict(vars(obj))) for obj in _patched_objects()]
     create_dot = _interp.InterpreterBuilder.create_dot
+    cast_impl = _interp.InterpreterBuilder.cast_impl
     threads = torch.get_num_threads()
     try:
         for owner in (tl, tl.tensor):
@@ -107,12 +122,14 @@ def _interpreted_stdlib() -> Iterator[None]:
                         twin = _STDLIB_TWINS[member.fn] = InterpretedFunction(member.fn)
                     setattr(owner, name, twin)
         _interp.InterpreterBuilder.create_dot = _blas_dot
+        _interp.InterpreterBuilder.cast_impl = _rne_cast
         # tiles are small: one BLAS thread beats a pool that must wake (and, on a busy machine, wait) per tile
         torch.set_num_threads(1)
         yield
     finally:
         torch.set_num_threads(threads)
         _interp.InterpreterBuilder.create_dot = create_dot
+        _interp.InterpreterBuilder.cast_impl = cast_impl
         for obj, before in snapshot:
             now = vars(obj)
             for name in [n for n in now if n not in before]:
