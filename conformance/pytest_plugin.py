@@ -52,6 +52,20 @@ _ENV = {
 }
 
 
+def pytest_collect_directory(path: Any, parent: Any) -> Any:
+    """anyaccel's own source tree is the package itself (its root holds the package's ``__init__.py``); collect it
+    as a plain directory, so pytest never imports that ``__init__.py`` under the clone folder's name (which fails
+    in a folder such as ``anyaccel-main``). Only the installed (editable) anyaccel's root is concerned."""
+    import pathlib
+
+    import anyaccel
+
+    root = pathlib.Path(anyaccel.__file__).resolve().parent
+    if pathlib.Path(path).resolve() == root and (root / "pyproject.toml").is_file():
+        return pytest.Dir.from_parent(parent, path=pathlib.Path(path))
+    return None
+
+
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("anyaccel", "anyaccel conformance")
     group.addoption("--anyaccel-backend", action="append", default=None, dest="anyaccel_backend",
