@@ -102,7 +102,7 @@ def test_kv_cache_specs_follow_layer_types(cpu_backend):
     model = build_model(TINY_CONFIGS["gemma2"], cpu_backend, torch.float32)
     specs = model.kv_cache_specs()
     assert [s.sliding_window for s in specs] == [6, None]
-    assert specs[0].soft_cap == 4.0 and abs(specs[0].scale - 24 ** -0.5) < 1e-12
+    assert specs[0].soft_cap == 2.0 and abs(specs[0].scale - 24 ** -0.5) < 1e-12
 
 
 def test_every_registered_family_has_a_tiny_config():
