@@ -110,7 +110,7 @@ MEASURED_ERROR: Dict[str, Tuple[float, float, float]] = {
     "qwen2": (3.65e-07, 6.97e-04, 5.59e-03),
     "qwen3": (9.91e-07, 1.79e-03, 1.39e-02),
     "gemma": (4.45e-07, 9.53e-04, 7.30e-03),
-    "gemma2": (4.45e-07, 1.31e-03, 9.28e-03),
+    "gemma2": (4.45e-07, 1.31e-03, 9.87e-03),  # bfloat16: triton-interpreter, seed 0 (cpu: 9.28e-03)
     "phi3": (8.75e-07, 1.55e-03, 1.46e-02),
     "gpt2": (3.23e-07, 6.62e-04, 5.29e-03),
     "mixtral": (1.39e-06, 3.50e-03, 2.73e-02),
