@@ -37,7 +37,11 @@ from ..core.validation import dtype_name
 from .cases import CaseResult
 from .tolerances import compare, tolerance
 
-__all__ = ["CollectiveCase", "collective_cases", "run_collectives"]
+__all__ = ["CollectiveCase", "collective_cases", "run_collectives", "backend_communicator", "COMMUNICATOR_PROPERTY"]
+
+#: The key of ``Backend.properties`` under which a backend names its own Communicator subclass (see
+#: :func:`backend_communicator`).
+COMMUNICATOR_PROPERTY = "communicator"
 
 KIND = "collective"
 
@@ -306,18 +310,36 @@ def _portable(backend: Backend) -> Backend:
                    package=backend.package, version=backend.version, api_version=backend.api_version)
 
 
+def backend_communicator(backend: Backend) -> type:
+    """The Communicator class ``backend``'s collectives run through: the subclass it names in
+    ``backend.properties["communicator"]`` (a backend whose transport needs its own code, or a mutant), else the
+    core's :class:`~anyaccel.core.collectives.Communicator` over its declared ``distributed_backend``."""
+    cls = dict(backend.properties).get(COMMUNICATOR_PROPERTY)
+    if cls is None:
+        return Communicator
+    if not isinstance(cls, type) or not issubclass(cls, Communicator):
+        raise InvalidArgumentError("run_collectives", f"backend.properties[{COMMUNICATOR_PROPERTY!r}]",
+                                   "a subclass of anyaccel.core.collectives.Communicator", repr(cls),
+                                   f"fix backend '{backend.name}''s plugin, or leave the property out to use the "
+                                   "core's Communicator")
+    return cls
+
+
 def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
                     world_size: int = 2, timeout: float = 120.0, *, op_timeout: float = 20.0,
-                    communicator: type = Communicator) -> List[CaseResult]:
+                    communicator: Optional[type] = None) -> List[CaseResult]:
     """Run every collective case on ``backend`` with ``world_size`` processes; one record per (case, dtype).
 
     :param timeout: deadline in seconds for the whole run; workers still running then are killed and their
         missing cases reported as ``error``.
     :param op_timeout: seconds a single collective may wait for its peers before the transport gives up.
     :param communicator: the Communicator class the workers build (``communicator.init(...)``); a fresh
-        process finds it by module name, or else by its module's file.
+        process finds it by module name, or else by its module's file. ``None`` (default): the backend's own,
+        see :func:`backend_communicator`.
     """
     dtypes = tuple(dtypes)
+    if communicator is None:
+        communicator = backend_communicator(backend)
     if not isinstance(communicator, type) or not issubclass(communicator, Communicator):
         raise InvalidArgumentError("run_collectives", "communicator", "a subclass of Communicator",
                                    repr(communicator))

@@ -14,10 +14,19 @@ from .mixtral import expert_rules
 __all__ = ["Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 
 
+def _num_experts(d: Dict[str, Any]) -> int:
+    """The expert count under either spelling: ``num_experts`` (Qwen2-MoE, Qwen3-MoE config.json files and
+    transformers < 5) or ``num_local_experts`` (what transformers 5 writes for Qwen3-MoE); 0 when neither."""
+    for key in ("num_experts", "num_local_experts"):
+        if d.get(key) is not None:
+            return int(d[key])
+    return 0
+
+
 def _moe_layers(d: Dict[str, Any], n: int) -> tuple:
     step = int(d.get("decoder_sparse_step", 1) or 1)
     dense = set(d.get("mlp_only_layers") or ())
-    e = int(d.get("num_experts", 0) or 0)
+    e = _num_experts(d)
     return tuple(i not in dense and e > 0 and (i + 1) % step == 0 for i in range(n))
 
 
@@ -28,7 +37,12 @@ class Qwen2MoeForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def family_fields(cls, d: Dict[str, Any], kw: Dict[str, Any]) -> Dict[str, Any]:
-        out = {"num_experts": int(d["num_experts"]), "num_experts_per_tok": int(d["num_experts_per_tok"]),
+        e = _num_experts(d)
+        if e <= 0:
+            from .config import ConfigError
+            raise ConfigError(f"config of {d.get('architectures', [cls.architectures[0]])[0]}: missing field "
+                              f"'num_experts' / 'num_local_experts' (the number of experts, > 0)")
+        out = {"num_experts": e, "num_experts_per_tok": int(d["num_experts_per_tok"]),
                "moe_intermediate_size": int(d["moe_intermediate_size"]),
                "norm_topk_prob": bool(d.get("norm_topk_prob", False)),
                "moe_layers": _moe_layers(d, kw["num_layers"]), **_qwen_windows(d, kw)}

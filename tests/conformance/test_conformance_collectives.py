@@ -167,3 +167,21 @@ def test_runner_validates_arguments(cpu, kwargs, argument):
     with pytest.raises(InvalidArgumentError) as e:
         run_collectives(cpu, **kwargs)
     assert e.value.argument == argument
+
+
+def test_backend_names_its_own_communicator():
+    """A backend's own Communicator subclass (``properties["communicator"]``) is what the workers build; a
+    property that is not a Communicator subclass is refused, naming the property."""
+    import dataclasses
+
+    from anyaccel.conformance.collectives import backend_communicator
+
+    base = Backend.local(BackendDef(name="own", vendor="test", device_type="cpu"), [])
+    assert backend_communicator(base) is Communicator
+    assert backend_communicator(dataclasses.replace(base, properties={"communicator": PlantedBugs})) is PlantedBugs
+    bad = dataclasses.replace(base, properties={"communicator": "PlantedBugs"})
+    with pytest.raises(InvalidArgumentError, match=r"communicator.*subclass of anyaccel.core.collectives.Communicator"):
+        backend_communicator(bad)
+    with pytest.raises(InvalidArgumentError, match="communicator"):
+        run_collectives(dataclasses.replace(bad, definition=dataclasses.replace(bad.definition,
+                                                                                 distributed_backend="x")))

@@ -74,20 +74,22 @@ def test_decode_position_off_by_one_is_caught(backend, refs):
     assert _status(recs, "greedy").status == "fail"
 
 
-def test_wrong_norm_epsilon_is_caught(backend, refs):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_wrong_norm_epsilon_is_caught(backend, refs, dtype):
+    """eps 1e-3 where the config says 1e-6: caught in every dtype (the old bfloat16 bound, 0.08 x scale against
+    an unrounded reference with unit-variance embeddings, passed it)."""
     hf = refs("qwen3")
-    model = _rebuilt(hf, backend, torch.float32, norm_eps=1e-3)  # the config says 1e-6
-    rec = _status(run_model_checks(backend, "qwen3", torch.float32, hf=hf, model=model, checks=("logits",)),
-                  "logits")
-    assert rec.status == "fail" and rec.max_abs_err > 10 * rec.tolerance
+    model = _rebuilt(hf, backend, dtype, norm_eps=1e-3)
+    rec = _status(run_model_checks(backend, "qwen3", dtype, hf=hf, model=model, checks=("logits",)), "logits")
+    assert rec.status == "fail" and rec.max_abs_err > 2 * rec.tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("delta", [-1, 1])
-def test_sliding_window_off_by_one_is_caught(backend, refs, delta):
+def test_sliding_window_off_by_one_is_caught(backend, refs, delta, dtype):
     hf = refs("mistral")
-    model = _rebuilt(hf, backend, torch.float32, sliding_windows=(8 + delta, 8 + delta))
-    rec = _status(run_model_checks(backend, "mistral", torch.float32, hf=hf, model=model, checks=("logits",)),
-                  "logits")
+    model = _rebuilt(hf, backend, dtype, sliding_windows=(8 + delta, 8 + delta))
+    rec = _status(run_model_checks(backend, "mistral", dtype, hf=hf, model=model, checks=("logits",)), "logits")
     assert rec.status == "fail"
 
 
@@ -121,3 +123,29 @@ def test_paged_bug_is_caught_by_recompute(backend, refs):
     recs = run_model_checks(backend, "llama", torch.float32, hf=refs("llama"), tamper=tamper,
                             checks=("greedy", "paged"))
     assert _status(recs, "paged").status == "fail"
+
+
+def test_one_bound_per_model_and_dtype():
+    from anyaccel.conformance.models import FLOAT32_FLOOR, MARGIN, MEASURED_ERROR, MODEL_TOLERANCE
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    assert set(MODEL_TOLERANCE) == {(n, d) for n in TINY_CONFIGS for d in dtypes}
+    for n in TINY_CONFIGS:
+        f32, f16, bf16 = (MODEL_TOLERANCE[(n, d)] for d in dtypes)
+        assert 0 < f32 < f16 < bf16, (n, f32, f16, bf16)
+        # every bound is MARGIN x what the correct backends measured (rounded up to two digits): never below
+        # it, and not looser (except float32's floor)
+        for bound, measured, dt in zip((f32, f16, bf16), MEASURED_ERROR[n], dtypes):
+            assert MARGIN * measured * 0.999 <= bound <= MARGIN * measured * 1.1 or (
+                dt == torch.float32 and bound == FLOAT32_FLOOR), (n, dt, bound, measured)
+
+
+def test_model_without_a_bound_gets_the_loosest_of_its_dtype():
+    from anyaccel.conformance.models import MODEL_TOLERANCE, model_tolerance
+    from anyaccel.core.errors import InvalidArgumentError
+
+    loosest = max(v for (_, d), v in MODEL_TOLERANCE.items() if d == torch.bfloat16)
+    assert model_tolerance("my_own_model", torch.bfloat16) == loosest
+    assert model_tolerance("llama", torch.bfloat16) == MODEL_TOLERANCE[("llama", torch.bfloat16)]
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        model_tolerance("llama", torch.float64)

@@ -102,4 +102,32 @@ def test_kv_cache_specs_follow_layer_types(cpu_backend):
     model = build_model(TINY_CONFIGS["gemma2"], cpu_backend, torch.float32)
     specs = model.kv_cache_specs()
     assert [s.sliding_window for s in specs] == [6, None]
-    assert specs[0].soft_cap == 20.0 and abs(specs[0].scale - 24 ** -0.5) < 1e-12
+    assert specs[0].soft_cap == 2.0 and abs(specs[0].scale - 24 ** -0.5) < 1e-12
+
+
+def test_every_registered_family_has_a_tiny_config():
+    """A family (model class) registered in models/registry.py but absent from TINY_CONFIGS is never
+    conformance-checked. Aliases of one class (BertModel / BertForMaskedLM) share its config."""
+    from anyaccel.models import registry
+
+    registry._load_builtins()
+    covered = {registry.MODEL_CLASSES[c["architectures"][0]] for c in TINY_CONFIGS.values()}
+    missing = sorted({cls.__name__ for cls in registry.MODEL_CLASSES.values()} - {c.__name__ for c in covered})
+    assert not missing, f"registered model families without a tiny conformance config: {missing}"
+
+
+@pytest.mark.parametrize("spelling", ["num_experts", "num_local_experts"])
+def test_qwen3_moe_reads_either_expert_count_spelling(spelling, cpu_backend):
+    cfg = {k: v for k, v in TINY_CONFIGS["qwen3_moe"].items() if k != "num_experts"}
+    cfg[spelling] = 5
+    model = build_model(cfg, cpu_backend, torch.float32)
+    assert model.config.num_experts == 5
+    assert model.config.moe_layers == (True, False)  # mlp_only_layers=[1]
+
+
+def test_qwen3_moe_without_an_expert_count_names_both_fields(cpu_backend):
+    from anyaccel.models import ConfigError
+
+    cfg = {k: v for k, v in TINY_CONFIGS["qwen3_moe"].items() if k != "num_experts"}
+    with pytest.raises(ConfigError, match="num_experts.*num_local_experts"):
+        build_model(cfg, cpu_backend, torch.float32)
