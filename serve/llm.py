@@ -105,7 +105,8 @@ class TextState:
 
     Text is re-decoded from all generated tokens (a token's text can depend on its neighbours), a trailing
     incomplete UTF-8 character (U+FFFD) is held back, and the text already handed out is never changed. A stop
-    string may straddle deltas, so the last ``max(len(stop)) - 1`` characters are held back while stops are set.
+    string may straddle deltas, so a tail of the text that is the start of a stop string is held back until the
+    next token settles it.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
@@ -114,7 +115,6 @@ class TextState:
         self.token_ids: List[int] = []
         self.sent = ""  # text handed out so far
         self.stopped = False
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def push(self, new_ids: Sequence[int], final: bool = False) -> str:
         """Add tokens; return the new text that may be handed out. Sets :attr:`stopped` on a stop string."""
@@ -130,8 +130,13 @@ class TextState:
         if not self.stopped and not final:
             if text.endswith("\ufffd"):
                 text = text[:-1]
-            if self._hold:
-                text = text[:max(len(self.sent), len(text) - self._hold)]
+            keep = 0  # the longest tail of the text that could still grow into a stop string
+            for stop in self.stop:
+                for k in range(min(len(stop) - 1, len(text)), keep, -1):
+                    if text.endswith(stop[:k]):
+                        keep = k
+                        break
+            text = text[:max(len(self.sent), len(text) - keep)]
         if not text.startswith(self.sent):  # the tokenizer changed earlier text: hand out only what is new
             text = self.sent + text[len(self.sent):]
         delta, self.sent = text[len(self.sent):], max(text, self.sent, key=len)
