@@ -15,6 +15,7 @@ each choice carries ``token_ids`` (the generated ids) beside its text.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -355,13 +356,17 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
         if not isinstance(texts, list) or not texts or len(texts) > 256 or \
                 not all(isinstance(t, str) and t for t in texts):
             raise _bad("input", "a non-empty string or a list of 1..256 non-empty strings", inp)
-        fmt = body.get("encoding_format", "float")
-        if fmt not in ("float", None):
-            raise _bad("encoding_format", "'float'", fmt)
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _bad("encoding_format", "'float' or 'base64'", fmt)
         embs = await asyncio.to_thread(st.embed_llm.embed, texts)
         n = sum(st.embed_llm.count_tokens(texts))
+
+        def enc(e):  # base64: the little-endian float32 bytes, as the openai client decodes them
+            return e.tolist() if fmt == "float" else base64.b64encode(e.numpy().astype("<f4").tobytes()).decode()
+
         return {"object": "list", "model": st.embed_llm.name,
-                "data": [{"object": "embedding", "index": i, "embedding": e.tolist()} for i, e in enumerate(embs)],
+                "data": [{"object": "embedding", "index": i, "embedding": enc(e)} for i, e in enumerate(embs)],
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     return app
