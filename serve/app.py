@@ -159,14 +159,8 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
     async def _api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if st.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {st.api_key}":
-                e = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
-                             "invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    if st.api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=st.api_key)
 
     async def _body(request: Request) -> Dict[str, Any]:
         try:
@@ -370,6 +364,25 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     return app
+
+
+class _ApiKeyMiddleware:
+    """Require ``Authorization: Bearer KEY`` on /v1 routes. A plain ASGI middleware: it passes ``receive`` through
+    untouched, so a handler still sees the client's disconnect (a wrapping HTTP middleware would hide it)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if auth != self.expected:
+                e = ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                             "invalid_api_key")
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ServerThread:

@@ -200,18 +200,28 @@ class AsyncEngine:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def _apply_pending(self) -> None:
+        """Admit the pending adds and apply the pending aborts (under the LLM's lock, so a direct ``LLM`` call
+        from another thread never interleaves with the loop); answers go to the streams on the loop's thread."""
         adds, self._pending_add = self._pending_add, []
-        for s in adds:
-            try:
-                self.engine.add_request(s.request_id, s.prompt_ids, s.params)
-            except Exception as e:  # validation: handed to the caller of add_request
-                s.finished = True
-                s.queue.put_nowait(e)
-                continue
-            s.queue.put_nowait(_ACCEPTED)
         aborts, self._pending_abort = self._pending_abort, []
+        if not adds and not aborts:
+            return
+        errors = {}
+        with self.llm._lock:
+            for s in adds:
+                try:
+                    self.engine.add_request(s.request_id, s.prompt_ids, s.params)
+                except Exception as e:  # validation: handed to the caller of add_request
+                    errors[s.request_id] = e
+            for rid in aborts:
+                self.engine.abort(rid)
+        for s in adds:
+            if s.request_id in errors:
+                s.finished = True
+                s.queue.put_nowait(errors[s.request_id])
+            else:
+                s.queue.put_nowait(_ACCEPTED)
         for rid in aborts:
-            self.engine.abort(rid)
             s = self.streams.pop(rid, None)
             if s is not None and not s.finished:
                 s.finished = True
@@ -219,6 +229,10 @@ class AsyncEngine:
                 s.queue.put_nowait(StreamDelta(rid, (), "", True, "abort"))
                 if self.metrics is not None:
                     self.metrics.on_finish(s)
+
+    def _locked_step(self):
+        with self.llm._lock:
+            return self.engine.step()
 
     async def _loop(self) -> None:
         while True:
@@ -233,7 +247,7 @@ class AsyncEngine:
                 continue
             t0 = time.perf_counter()
             try:
-                outs = await asyncio.to_thread(self.engine.step)
+                outs = await asyncio.to_thread(self._locked_step)
             except Exception as e:  # the engine dropped every request; tell each of them
                 for rid, s in list(self.streams.items()):
                     if not s.finished:
@@ -251,7 +265,7 @@ class AsyncEngine:
                 ntok += len(o.new_token_ids)
                 had_first = s.first_token is not None
                 if s._deliver(o.new_token_ids, o.finished, o.finish_reason):
-                    self.engine.abort(o.request_id)
+                    self._pending_abort.append(o.request_id)  # a stop string ended it: free its blocks
                 if self.metrics is not None and o.new_token_ids:
                     if had_first:
                         self.metrics.on_token(s.itl_s[-1] if s.itl_s else 0.0)

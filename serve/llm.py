@@ -163,8 +163,10 @@ def choose_backend(name: Any = None):
 
 
 def _is_model(obj: Any) -> bool:
-    return hasattr(obj, "kv_cache_specs") and hasattr(obj, "compute_logits") or hasattr(obj, "encode") and \
-        hasattr(obj, "kv_cache_specs")
+    """An anyaccel model already built on a backend (not a transformers object, a config or a path)."""
+    from ..models.base import Model
+
+    return isinstance(obj, Model)
 
 
 class LLM:
@@ -200,6 +202,10 @@ class LLM:
         if _is_model(model):
             self.model = model
             self.backend = model.backend
+            named = getattr(backend, "name", backend)
+            if named is not None and named != self.backend.name:
+                raise InvalidArgumentError(_OP, "backend", f"None or '{self.backend.name}' (the model is built on it)",
+                                           repr(named), "Build the model on the backend you want, or pass a name")
         else:
             self.backend = choose_backend(backend)
             if isinstance(model, (str, os.PathLike)):

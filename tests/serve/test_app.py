@@ -176,12 +176,29 @@ def test_client_disconnect_mid_stream_frees_the_blocks(server, tiny_llm):
     assert _idle(tiny_llm), "the aborted stream kept its blocks"
 
 
-def test_client_disconnect_of_a_plain_request_frees_the_blocks(server, tiny_llm):
-    body = {"model": "tiny-llama", "prompt": list(range(3, 40)), "max_tokens": 200, "temperature": 0,
+def test_client_disconnect_of_a_plain_request_frees_the_blocks(server, tiny_llm, monkeypatch):
+    import threading
+
+    gate = threading.Event()  # holds every step (in the loop's worker thread) until the client has given up
+    step = tiny_llm.engine.step
+
+    def held_step():
+        out = step()
+        gate.wait(30)
+        return out
+
+    monkeypatch.setattr(tiny_llm.engine, "step", held_step)
+    body = {"model": "tiny-llama", "prompt": list(range(3, 40)), "max_tokens": 50, "temperature": 0,
             "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+        assert tiny_llm.engine.has_unfinished_requests()
+    finally:
+        gate.set()
     assert _idle(tiny_llm), "the abandoned request kept running"
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    assert 'anyaccel_requests_finished_total{finish_reason="abort",model="tiny-llama"}' in text
 
 
 def test_api_key_is_required_when_set(tiny_llm):
