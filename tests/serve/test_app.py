@@ -262,3 +262,25 @@ def test_load_concurrent_streams_all_complete_with_the_right_tokens(server, tiny
     assert [r[0] for r in res] == refs
     assert all(r[1] == "length" for r in res)
     assert _idle(tiny_llm)
+
+
+@pytest.mark.slow
+def test_smollm2_served_tokens_equal_llm_generate():
+    """The real checkpoint end to end: chat (plain and streamed) over HTTP gives LLM.chat's greedy tokens."""
+    from anyaccel.models import real
+    from anyaccel.serve import LLM
+
+    ck = real.smollm2()
+    if isinstance(ck, real.Missing):
+        pytest.skip(ck.reason)
+    llm = LLM("smollm2", backend="cpu", kv_cache_bytes=64 * 1024 * 1024, max_num_seqs=4)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = llm.chat(msgs, SamplingParams(max_new_tokens=12))[0]
+    assert "Paris" in ref.text
+    with ServerThread(build_app(llm)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEYLESS, max_retries=0, timeout=300)
+        r = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0)
+        assert r.choices[0].model_extra["token_ids"] == ref.token_ids
+        assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == ref.finish_reason
+        s = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in s) == ref.text
