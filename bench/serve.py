@@ -140,7 +140,7 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         reqs = make_requests(args.num_requests, plen, olen, vocab, args.seed)
         report.update(run_load(args.url, args.model, reqs, args.concurrency, args.api_key))
     else:
-        from ..serve import LLM, SamplingParams
+        from ..serve import LLM
         from ..serve.app import ServerThread, build_app
 
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=max(args.concurrency, 1),
