@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from anyaccel.core.errors import InvalidArgumentError
-from anyaccel.models import build_model
 from anyaccel.models.runner import Engine
-from anyaccel.serve import LLM, SamplingParams
+from anyaccel.serve import SamplingParams
 from anyaccel.serve.engine import AsyncEngine, EngineStoppedError, QueueFullError
 
 PROMPTS = [[5, 9, 33] * 5, list(range(3, 30)), [7] * 20, [8, 9] * 8, [11]]
