@@ -115,18 +115,14 @@ def run_load(url: str, model: str, reqs, concurrency: int, api_key: Optional[str
             "itl_s": percentiles([x for r in ok for x in r["itl"]])}
 
 
-def _engine_rate(llm, reqs, concurrency: int) -> float:
-    """Output tokens/s of the engine alone (LLM.generate, no HTTP) on the same requests, ``concurrency`` at a time."""
+def _engine_rate(llm, reqs) -> float:
+    """Output tokens/s of the engine alone (one LLM.generate over all requests, no HTTP); the LLM's
+    ``max_num_seqs`` is the concurrency, so the engine keeps that many in flight by continuous batching too."""
     from ..serve import SamplingParams
 
     t0 = time.perf_counter()
-    toks = 0
-    for i in range(0, len(reqs), concurrency):
-        chunk = reqs[i:i + concurrency]
-        outs = llm.generate([p for p, _ in chunk], [SamplingParams(max_new_tokens=n, ignore_eos=True)
-                                                    for _, n in chunk])
-        toks += sum(len(o.token_ids) for o in outs)
-    return toks / (time.perf_counter() - t0)
+    outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_new_tokens=n, ignore_eos=True) for _, n in reqs])
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
 
 
 def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) -> int:
@@ -149,8 +145,8 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         # Warm-up: one untimed pass over the same requests. The first time a batch shape is seen costs far more
         # than later ones (allocator growth, per-shape kernel setup), and the server pass would otherwise see
         # only warm shapes while the engine pass saw cold ones.
-        _engine_rate(llm, reqs, args.concurrency)
-        report["engine_output_tok_s"] = _engine_rate(llm, reqs, args.concurrency)
+        _engine_rate(llm, reqs)
+        report["engine_output_tok_s"] = _engine_rate(llm, reqs)
         report["backend"] = llm.backend.name
         with ServerThread(build_app(llm, max_queue=max(64, args.num_requests))) as srv:
             report.update(run_load(srv.url, llm.name, reqs, args.concurrency))
