@@ -127,13 +127,19 @@ def _engine_rate(llm, reqs) -> float:
     box = {}
 
     def run():
-        t0 = time.perf_counter()
-        outs = llm.generate([p for p, _ in reqs], [SamplingParams(max_new_tokens=n, ignore_eos=True) for _, n in reqs])
-        box["rate"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+        try:
+            t0 = time.perf_counter()
+            outs = llm.generate([p for p, _ in reqs],
+                                [SamplingParams(max_new_tokens=n, ignore_eos=True) for _, n in reqs])
+            box["rate"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
 
     t = threading.Thread(target=run, name="anyaccel-bench-engine")
     t.start()
     t.join()
+    if "error" in box:
+        raise box["error"]
     return box["rate"]
 
 
