@@ -9,4 +9,14 @@ __version__ = "0.1.0"
 
 from .core.version import API_VERSION
 
-__all__ = ["__version__", "API_VERSION"]
+__all__ = ["__version__", "API_VERSION", "LLM", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    """``anyaccel.LLM`` and ``anyaccel.SamplingParams`` load the serving layer on first use, so ``import anyaccel``
+    stays cheap (no torch model code, no tokenizers)."""
+    if name in ("LLM", "SamplingParams"):
+        from . import serve
+
+        return getattr(serve, name)
+    raise AttributeError(f"module 'anyaccel' has no attribute {name!r}")

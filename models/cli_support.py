@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import AnyaccelError
@@ -34,8 +36,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="tokenize --prompt as plain text even when the model has a chat template")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=32,
-                   help="new tokens to generate (an integer; 1e3 is accepted); prompt + new tokens must fit the "
-                        "model's maximum length")
+                   help="the token budget: generation stops after this many new tokens (default 32; 1e3 is "
+                        "accepted); prompt + new tokens must fit the model's maximum length")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (aliases fp32, fp16, bf16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", dest="top_k", type=int, default=None)
@@ -43,7 +45,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
     p.add_argument("--json", action="store_true",
-                   help='print {"model", "backend", "dtype", "prompt_ids", "output_ids"} (output: new tokens only)')
+                   help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
+                        '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')
 
 
 def _count(text: str) -> int:
@@ -165,14 +168,22 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     block = model.block_size
     num_blocks = -(-total // block) + 1
     engine = Engine(model, num_blocks=num_blocks)
+    t0 = time.perf_counter()
     out = engine.generate([prompt_ids], params)[0]
+    seconds = time.perf_counter() - t0
+    stopped = bool(out) and (out[-1] in engine.eos_ids or out[-1] in params.stop_token_ids)
+    finish_reason = "stop" if stopped else "length"
+    if tokenizer is None and args.json and tok_factory is not None:
+        tokenizer = tok_factory()
+    text = tokenizer.decode(out, skip_special_tokens=True).strip() if tokenizer is not None else None
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
-                          "prompt_ids": prompt_ids, "output_ids": out}))
-    elif tokenizer is not None:
-        print(tokenizer.decode(out, skip_special_tokens=True).strip())
-    else:
-        print(" ".join(str(t) for t in out))
+                          "prompt_ids": prompt_ids, "output_ids": out, "text": text, "finish_reason": finish_reason,
+                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None}))
+        return 0
+    print(text if text is not None else " ".join(str(t) for t in out))
+    if finish_reason == "length":
+        print(f"(stopped at the --max-new-tokens budget of {params.max_new_tokens} tokens)", file=sys.stderr)
     return 0
 
 

@@ -334,6 +334,107 @@ class Engine:
         else:
             st.decode_seconds += dt
 
+    # -- request API: the serving loop adds, steps and aborts requests one at a time ------------------------------
+    # Additive to generate(): requests live in the engine between calls, so sequences join and leave the running
+    # batch at every step. Do not call generate() while requests added here are unfinished (they share the pool).
+    def _requests(self):
+        if not hasattr(self, "_req_by_id"):
+            self._req_by_id = {}
+            self._req_waiting: Deque[_Seq] = deque()
+            self._req_running: List[_Seq] = []
+        return self._req_by_id
+
+    def add_request(self, request_id: str, prompt: Sequence[int], params: Optional[SamplingParams] = None) -> None:
+        """Queue one prompt (token ids) under ``request_id``; it joins the running batch at a coming :meth:`step`.
+
+        Validation is :meth:`generate`'s (token ids in the vocabulary, prompt + ``max_new_tokens`` within the
+        model's positions and the KV cache); a duplicate ``request_id`` is an error.
+        """
+        reqs = self._requests()
+        if request_id in reqs:
+            raise InvalidArgumentError(_OP, "request_id", "an id not already in use", repr(request_id),
+                                       "Wait for the earlier request to finish or abort it")
+        seq = self._make_seqs([prompt], params)[0]
+        reqs[request_id] = seq
+        self._req_waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request whether waiting or running and free its KV blocks; False if it is unknown or finished."""
+        seq = self._requests().pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self._req_running:
+            self._req_running.remove(seq)
+        if seq in self._req_waiting:
+            self._req_waiting.remove(seq)
+        self._free(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests())
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (never admitted, or preempted and waiting to be recomputed)."""
+        self._requests()
+        return len(self._req_waiting)
+
+    @property
+    def num_running(self) -> int:
+        self._requests()
+        return len(self._req_running)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.allocator.num_free
+
+    def step(self) -> List["RequestStep"]:
+        """Run ONE forward over the requests added with :meth:`add_request`; one record per request that gained a
+        token or finished in this step (a step that only prefilled a prompt chunk reports nothing for it)."""
+        reqs = self._requests()
+        if not reqs:
+            return []
+        before = {rid: len(s.output) for rid, s in reqs.items()}
+        try:
+            with torch.no_grad():
+                self._step(self._req_waiting, self._req_running)
+        except Exception:
+            # A failed forward leaves sequences half-advanced: drop them all rather than serve wrong tokens.
+            for rid in list(reqs):
+                self.abort(rid)
+            raise
+        out: List[RequestStep] = []
+        live = set(map(id, self._req_running)) | set(map(id, self._req_waiting))
+        for rid, s in list(reqs.items()):
+            new = tuple(s.output[before[rid]:])
+            done = id(s) not in live
+            if done:
+                del reqs[rid]
+            if new or done:
+                reason = None
+                if done:
+                    reason = "length" if len(s.output) >= s.params.max_new_tokens else "stop"
+                out.append(RequestStep(rid, new, done, reason))
+        return out
+
+
+@dataclass(frozen=True)
+class RequestStep:
+    """What one :meth:`Engine.step` did for one request.
+
+    :param new_token_ids: the tokens generated in this step (one, or none for a finishing-only record).
+    :param finish_reason: ``"stop"`` (an end-of-sequence or stop token, kept in the output) or ``"length"`` (the
+        ``max_new_tokens`` budget) once ``finished``; ``None`` before.
+    """
+
+    request_id: str
+    new_token_ids: tuple
+    finished: bool
+    finish_reason: Optional[str]
+
+
+__all__ += ["RequestStep"]
+
 
 def teacher_forced_logits(model, ids: Sequence[int]) -> torch.Tensor:
     """Float32 logits ``[L, V]`` of every position of one sequence, from one paged prefill on a fresh cache."""

@@ -33,6 +33,8 @@ class SamplingParams:
     :param seed: seeds this sequence's generator; ``None`` draws from torch's global generator.
     :param stop_token_ids: generation stops after emitting any of these (the token is kept in the output).
     :param ignore_eos: do not stop at the model's end-of-sequence token (benchmarks).
+    :param stop: stop strings, applied to the decoded text by the serving layer (:mod:`anyaccel.serve`): the
+        text ends just before the first one found. The engine itself works on token ids and ignores them.
     """
 
     max_new_tokens: int = 16
@@ -42,6 +44,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: Tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    stop: Tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         m = self.max_new_tokens
@@ -64,6 +67,12 @@ class SamplingParams:
                 any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in stops):
             raise InvalidArgumentError(_OP, "stop_token_ids", "a sequence of non-negative token ids", repr(stops))
         object.__setattr__(self, "stop_token_ids", tuple(stops))
+        ss = self.stop
+        if isinstance(ss, str):
+            ss = (ss,)
+        if not isinstance(ss, (tuple, list)) or any(not isinstance(x, str) or not x for x in ss):
+            raise InvalidArgumentError(_OP, "stop", "a string or a sequence of non-empty strings", repr(ss))
+        object.__setattr__(self, "stop", tuple(ss))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
 

@@ -28,7 +28,12 @@ def test_generate_json_matches_transformers(parser, cpu_backend, builtins, refer
                               "--json"])
     assert generate_main(args, cpu_backend, builtins) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"model", "backend", "dtype", "prompt_ids", "output_ids"}
+    assert set(out) == {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", "seconds",
+                        "tokens_per_s"}
+    assert out["text"] is None  # the tiny model has no tokenizer
+    n = len(out["output_ids"])
+    assert out["finish_reason"] == ("length" if n == 6 else "stop")
+    assert out["seconds"] > 0 and out["tokens_per_s"] == pytest.approx(n / out["seconds"])
     assert out["prompt_ids"] == [5, 9, 33, 12]
     assert out["backend"] == cpu_backend.name and out["dtype"] == "float32"
     with torch.no_grad():
@@ -45,8 +50,18 @@ def test_generate_seeded_sampling_is_reproducible(parser, cpu_backend, builtins,
     generate_main(parser.parse_args(argv), cpu_backend, builtins)
     first = json.loads(capsys.readouterr().out)
     generate_main(parser.parse_args(argv), cpu_backend, builtins)
-    assert json.loads(capsys.readouterr().out) == first
+    timing = ("seconds", "tokens_per_s")
+    again = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
     assert first["dtype"] == "bfloat16"
+
+
+def test_generate_says_when_it_stopped_at_the_budget(parser, cpu_backend, builtins, capsys):
+    argv = ["--model", "llama", "--prompt-ids", "5 9 33", "--max-new-tokens", "3"]
+    generate_main(parser.parse_args(argv), cpu_backend, builtins)
+    cap = capsys.readouterr()
+    ids = cap.out.split()
+    assert len(ids) <= 3 and ("budget of 3 tokens" in cap.err) == (len(ids) == 3)
 
 
 def test_generate_user_errors(parser, cpu_backend, builtins):

@@ -1,0 +1,414 @@
+"""The Python API for applications: :class:`LLM` — text (or token ids) in, text, tokens, finish reason and timings out.
+
+    from anyaccel import LLM, SamplingParams
+    llm = LLM("smollm2")                                   # backend chosen by choose_backend()
+    out = llm.generate("The capital of France is", SamplingParams(max_new_tokens=20))[0]
+    print(out.text, out.finish_reason, out.metrics.tokens_per_s)
+
+One :class:`LLM` owns one model and one paged engine (:class:`anyaccel.models.runner.Engine`); every call runs
+its prompts through the engine's request API (add, step, abort), so a batch of prompts shares the steps by
+continuous batching exactly as the server's requests do. An :class:`LLM` is not meant for concurrent use from
+several threads: a lock serialises its calls (the server drives it through :mod:`anyaccel.serve.engine`).
+
+Backend rule (:func:`choose_backend`): a named backend must be available; with none named, the first available
+backend (in the registry's discovery order) whose device is not the host CPU, else the first available one.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..core.errors import AnyaccelError, InvalidArgumentError
+from ..models.sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "choose_backend",
+           "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES"]
+
+_OP = "LLM"
+
+#: KV-cache memory when the caller gives neither ``kv_cache_bytes`` nor ``num_blocks`` (about 5,700 tokens of
+#: SmolLM2-135M in float32).
+DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+Prompt = Union[str, Sequence[int]]
+
+
+class ServeError(AnyaccelError):
+    """A usage error of the serving layer (no tokenizer for a text prompt, an encoder asked to generate, ...)."""
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Timings of one request, in seconds (``time.perf_counter`` clock).
+
+    ``ttft_s`` is from arrival to the first generated token, ``total_s`` from arrival to the last;
+    ``tokens_per_s`` is generated tokens over ``total_s``.
+    """
+
+    arrival: float
+    first_token: Optional[float]
+    finished: Optional[float]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+    @property
+    def ttft_s(self) -> Optional[float]:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def total_s(self) -> Optional[float]:
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        t = self.total_s
+        return None if not t else self.num_generated_tokens / t
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A finished request.
+
+    :param text: the decoded new tokens (``None`` when the model has no tokenizer); cut before a stop string.
+    :param token_ids: the generated tokens (a stop or end-of-sequence token that ended it is included).
+    :param finish_reason: ``"stop"`` (end-of-sequence, a stop token or a stop string) or ``"length"`` (the
+        ``max_new_tokens`` budget); ``"abort"`` when it was cancelled.
+    """
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    text: Optional[str]
+    token_ids: List[int]
+    finish_reason: str
+    metrics: RequestMetrics
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One increment of a streamed request: the new tokens and the text they complete (may be empty while a
+    multi-byte character is still incomplete). The last delta has ``finished=True`` and a ``finish_reason``."""
+
+    request_id: str
+    token_ids: Tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: Optional[str]
+
+
+class TextState:
+    """Incremental detokenisation and stop strings for one request (shared by :class:`LLM` and the server).
+
+    Text is re-decoded from all generated tokens (a token's text can depend on its neighbours), a trailing
+    incomplete UTF-8 character (U+FFFD) is held back, and the text already handed out is never changed. A stop
+    string may straddle deltas, so a tail of the text that is the start of a stop string is held back until the
+    next token settles it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.token_ids: List[int] = []
+        self.sent = ""  # text handed out so far
+        self.stopped = False
+
+    def push(self, new_ids: Sequence[int], final: bool = False) -> str:
+        """Add tokens; return the new text that may be handed out. Sets :attr:`stopped` on a stop string."""
+        self.token_ids.extend(new_ids)
+        if self.tokenizer is None or self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        for s in self.stop:
+            i = text.find(s, max(0, len(self.sent) - len(s)))
+            if i >= 0:
+                text = text[:i]
+                self.stopped = True
+        if not self.stopped and not final:
+            if text.endswith("\ufffd"):
+                text = text[:-1]
+            keep = 0  # the longest tail of the text that could still grow into a stop string
+            for stop in self.stop:
+                for k in range(min(len(stop) - 1, len(text)), keep, -1):
+                    if text.endswith(stop[:k]):
+                        keep = k
+                        break
+            text = text[:max(len(self.sent), len(text) - keep)]
+        if not text.startswith(self.sent):  # the tokenizer changed earlier text: hand out only what is new
+            text = self.sent + text[len(self.sent):]
+        delta, self.sent = text[len(self.sent):], max(text, self.sent, key=len)
+        return delta
+
+
+def choose_backend(name: Any = None):
+    """The backend to run on: ``name`` (a backend object is returned as is), else the documented default rule."""
+    from ..plugins import get_registry
+
+    if name is not None and not isinstance(name, str):
+        return name
+    reg = get_registry()
+    if name is not None:
+        b = reg.get(name)
+        if not b.available:
+            raise ServeError(f"backend '{name}' is not available here: {b.reason}; see `anyaccel backends`")
+        return b
+    avail = list(reg.available())
+    if not avail:
+        raise ServeError("no backend is available here; see `anyaccel backends`")
+    accel = [b for b in avail if b.definition.device_type != "cpu"]
+    return (accel or avail)[0]
+
+
+def _is_model(obj: Any) -> bool:
+    """An anyaccel model already built on a backend (not a transformers object, a config or a path)."""
+    from ..models.base import Model
+
+    return isinstance(obj, Model)
+
+
+class LLM:
+    """A model ready to generate, chat and embed.
+
+    :param model: a real checkpoint name (``"smollm2"``, ``"minilm"``), an HF-format directory, a ``.gguf``
+        file, a transformers model object, or an already built anyaccel model.
+    :param backend: a backend name or object; ``None`` picks one by :func:`choose_backend`'s rule.
+    :param dtype: ``float32`` (default), ``float16`` or ``bfloat16`` (or an alias such as ``"bf16"``).
+    :param tokenizer: a transformers-style tokenizer (``encode``/``decode``/``apply_chat_template``) overriding the
+        model's own; a model without one takes token ids only and returns ``text=None``.
+    :param kv_cache_bytes: memory for the paged KV cache (default :data:`DEFAULT_KV_CACHE_BYTES`); or give
+        ``num_blocks``.
+    :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
+        most (longer prompts are prefilled in chunks that share steps with decode).
+    :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
+    """
+
+    def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
+                 kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
+                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from ..models.base import build_model, parse_dtype
+        from ..models.cli_support import load_generation_model
+        from ..models.runner import Engine
+
+        try:
+            dt = parse_dtype("float32" if dtype is None else dtype)
+        except ValueError as e:
+            raise InvalidArgumentError(_OP, "dtype", "float32, float16 or bfloat16", repr(dtype)) from e
+        tok_factory = None
+        if _is_model(model):
+            self.model = model
+            self.backend = model.backend
+            named = getattr(backend, "name", backend)
+            if named is not None and named != self.backend.name:
+                raise InvalidArgumentError(_OP, "backend", f"None or '{self.backend.name}' (the model is built on it)",
+                                           repr(named), "Build the model on the backend you want, or pass a name")
+        else:
+            self.backend = choose_backend(backend)
+            if isinstance(model, (str, os.PathLike)):
+                self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt, strict=strict,
+                                                                builtins=builtins)
+            else:
+                try:
+                    self.model = build_model(model, self.backend, dt, strict=strict, block_size=block_size)
+                except TypeError as e:
+                    raise InvalidArgumentError(_OP, "model", "a checkpoint name, a directory, a .gguf file, a "
+                                               "transformers model or an anyaccel model", type(model).__name__) from e
+        self.name = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else
+                             getattr(self.model.config, "architecture", type(self.model).__name__))
+        self.tokenizer = tokenizer if tokenizer is not None else (tok_factory() if tok_factory else None)
+        self.is_causal = bool(getattr(self.model, "is_causal", True))
+        self.max_model_len = int(getattr(self.model.config, "max_position", 0) or 0) or None
+        self._lock = threading.Lock()
+        self.engine = None
+        if self.is_causal:
+            if num_blocks is None and kv_cache_bytes is None:
+                kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
+            self.engine = Engine(self.model, kv_budget_bytes=kv_cache_bytes, num_blocks=num_blocks,
+                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+
+    # -- inputs -----------------------------------------------------------------------------------------------
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ServeError(f"model '{self.name}' has no tokenizer, so {what} is impossible; pass token ids "
+                             f"(a list of ints) or LLM(..., tokenizer=...)")
+        return self.tokenizer
+
+    def _need_engine(self, what: str):
+        if self.engine is None:
+            raise ServeError(f"model '{self.name}' is an encoder ({self.model.config.architecture}); it cannot "
+                             f"{what}. Use llm.embed(texts)")
+        return self.engine
+
+    def encode(self, prompt: Prompt) -> List[int]:
+        """Token ids of a prompt: a list of ints is taken as is; text goes through the tokenizer (no chat template)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgumentError(_OP, "prompt", "a non-empty string or token-id list", "''")
+            return [int(x) for x in self._need_tokenizer("a text prompt").encode(prompt)]
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt):
+            return list(prompt)
+        raise InvalidArgumentError(_OP, "prompt", "a non-empty string or a non-empty list of token ids",
+                                   repr(prompt)[:80])
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> List[int]:
+        """Token ids of a conversation through the model's chat template, ending with the assistant's turn."""
+        tok = self._need_tokenizer("chat")
+        check_messages(messages)
+        if not getattr(tok, "chat_template", None):
+            raise ServeError(f"model '{self.name}' has no chat template; use generate() with a plain prompt")
+        out = tok.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True)
+        if isinstance(out, Mapping) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return [int(x) for x in out]
+
+    def decode(self, ids: Sequence[int]) -> Optional[str]:
+        return None if self.tokenizer is None else self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def _run(self, prompts: List[List[int]], params: List[SamplingParams]) -> Iterator[Tuple[int, StreamDelta,
+                                                                                                    RequestMetrics]]:
+        """Drive the engine over these prompts; yields ``(index, delta, metrics)`` as tokens come."""
+        engine = self._need_engine("generate")
+        with self._lock:
+            rids = [f"llm-{uuid.uuid4().hex[:12]}" for _ in prompts]
+            states = [TextState(self.tokenizer, p.stop) for p in params]
+            t0 = time.perf_counter()
+            first: List[Optional[float]] = [None] * len(prompts)
+            by_id = {r: i for i, r in enumerate(rids)}
+            added: List[str] = []
+            try:
+                for r, ids, p in zip(rids, prompts, params):
+                    engine.add_request(r, ids, p)
+                    added.append(r)
+                live = set(rids)
+                while live:
+                    for o in engine.step():
+                        i = by_id[o.request_id]
+                        now = time.perf_counter()
+                        if first[i] is None and o.new_token_ids:
+                            first[i] = now
+                        st = states[i]
+                        text = st.push(o.new_token_ids, final=o.finished)
+                        finished, reason = o.finished, o.finish_reason
+                        if st.stopped and not finished:
+                            engine.abort(o.request_id)
+                            finished, reason = True, "stop"
+                        m = RequestMetrics(t0, first[i], now if finished else None, len(prompts[i]),
+                                           len(st.token_ids))
+                        if finished:
+                            live.discard(o.request_id)
+                        yield i, StreamDelta(o.request_id, tuple(o.new_token_ids), text, finished, reason), m
+            finally:
+                for r in added:
+                    engine.abort(r)  # a no-op for finished requests; frees the blocks of an abandoned stream
+
+    def _params(self, params: Any, n: int) -> List[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        plist = list(params) if isinstance(params, Sequence) else []
+        if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
+            raise InvalidArgumentError(_OP, "params", f"one SamplingParams or a list of {n}", repr(params)[:80])
+        return plist
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], params: Any = None) -> List[RequestOutput]:
+        """Continue each prompt (text, or a list of token ids); one :class:`RequestOutput` per prompt, in order.
+
+        ``params``: one :class:`SamplingParams` for all (default: greedy, 16 new tokens) or one per prompt.
+        A single prompt (a string or one list of ints) is a batch of one.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or not prompts:
+            raise InvalidArgumentError(_OP, "prompts", "a prompt or a non-empty list of prompts", repr(prompts)[:80])
+        ids = [self.encode(p) for p in prompts]
+        return self._collect(prompts, ids, self._params(params, len(ids)))
+
+    def _collect(self, prompts, ids, plist) -> List[RequestOutput]:
+        toks: List[List[int]] = [[] for _ in ids]
+        texts = [""] * len(ids)
+        done: Dict[int, Tuple[str, str, RequestMetrics]] = {}
+        for i, d, m in self._run(ids, plist):
+            toks[i].extend(d.token_ids)
+            texts[i] += d.text
+            if d.finished:
+                done[i] = (d.request_id, d.finish_reason, m)
+        return [RequestOutput(done[i][0], p if isinstance(p, str) else None, ids[i],
+                              texts[i] if self.tokenizer is not None else None, toks[i], done[i][1], done[i][2])
+                for i, p in enumerate(prompts)]
+
+    def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
+        """Yield :class:`StreamDelta` s of one prompt as its tokens are generated; breaking out frees its blocks."""
+        ids = self.encode(prompt)
+        p = self._params(params, 1)
+        for _, d, _m in self._run([ids], p):
+            yield d
+
+    def chat(self, messages: Sequence[Any], params: Any = None) -> List[RequestOutput]:
+        """Answer conversations through the chat template: ``messages`` is one conversation (a list of
+        ``{"role", "content"}`` dicts) or a list of them; one :class:`RequestOutput` per conversation."""
+        convs = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        if not convs:
+            raise InvalidArgumentError(_OP, "messages", "a non-empty list of {role, content} messages", "[]")
+        ids = [self.apply_chat_template(c) for c in convs]
+        return self._collect([None] * len(ids), ids, self._params(params, len(ids)))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]],
+                    params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
+        """:meth:`stream` for one conversation (the interactive ``anyaccel chat`` uses it)."""
+        ids = self.apply_chat_template(messages)
+        for _, d, _m in self._run([ids], self._params(params, 1)):
+            yield d
+
+    # -- embeddings ---------------------------------------------------------------------------------------------
+    def embed(self, texts: Union[str, Sequence[str]]):
+        """Sentence embeddings ``[B, H]`` float32 of an encoder model: mean over each text's tokens, then
+        L2-normalised (as sentence-transformers' all-MiniLM-L6-v2 pipeline does). Texts longer than the model's
+        positions are truncated to them."""
+        if self.is_causal:
+            raise ServeError(f"model '{self.name}' is a decoder; embed() needs an encoder model such as 'minilm'")
+        from ..models.real import sentence_embeddings
+
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidArgumentError(_OP, "texts", "a string or a non-empty list of strings", repr(texts)[:80])
+        tok = self._need_tokenizer("embedding text")
+        enc = [tok(t, truncation=True, max_length=self.max_model_len or 512) for t in texts]
+        ids = [list(e["input_ids"]) for e in enc]
+        types = [list(e["token_type_ids"]) if "token_type_ids" in e else [0] * len(i) for e, i in zip(enc, ids)]
+        with self._lock:
+            return sentence_embeddings(self.model, ids, types)
+
+    def count_tokens(self, texts: Sequence[str]) -> List[int]:
+        tok = self._need_tokenizer("counting tokens")
+        return [len(tok(t, truncation=True, max_length=self.max_model_len or 512)["input_ids"]) for t in texts]
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any, field_name: str = "messages") -> None:
+    """Raise :class:`InvalidArgumentError` naming the bad message unless ``messages`` is a non-empty list of
+    ``{"role": system|user|assistant, "content": str}``."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise InvalidArgumentError(_OP, field_name, "a non-empty list of {role, content} messages",
+                                   repr(messages)[:80])
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidArgumentError(_OP, f"{field_name}[{i}]", "an object with role and content", repr(m)[:80])
+        if m.get("role") not in _ROLES:
+            raise InvalidArgumentError(_OP, f"{field_name}[{i}].role", f"one of {', '.join(_ROLES)}",
+                                       repr(m.get("role")))
+        if not isinstance(m.get("content"), str):
+            raise InvalidArgumentError(_OP, f"{field_name}[{i}].content", "a string", repr(m.get("content"))[:80])
+
+
+__all__ += ["check_messages"]
