@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import pkgutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
