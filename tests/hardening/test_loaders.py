@@ -85,7 +85,8 @@ _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
                "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight"}
 
 
-def _write_gguf(path, cfg=CFG):
+def _write_gguf(path, cfg=CFG, tensors=None):
+    """A llama GGUF with ``cfg``'s metadata and ``tensors`` (GGUF name -> tensor; default: ``cfg``'s weights)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -97,12 +98,15 @@ def _write_gguf(path, cfg=CFG):
     w.add_value_length(cfg["head_dim"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    for name, t in _state_dict(cfg).items():
-        if name in _GGUF_NAMES:
-            g = _GGUF_NAMES[name]
-        else:
-            i, rest = name.removeprefix("model.layers.").split(".", 1)
-            g = f"blk.{i}.{_GGUF_NAMES[rest]}"
+    if tensors is None:
+        tensors = {}
+        for name, t in _state_dict(cfg).items():
+            if name in _GGUF_NAMES:
+                tensors[_GGUF_NAMES[name]] = t
+            else:
+                i, rest = name.removeprefix("model.layers.").split(".", 1)
+                tensors[f"blk.{i}.{_GGUF_NAMES[rest]}"] = t
+    for g, t in tensors.items():
         w.add_tensor(g, t.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -327,21 +331,7 @@ def test_gguf_junk_and_flipped_bytes(tmp_path, good, backend, data):
 def test_gguf_absurd_metadata(tmp_path, backend, field, value):
     cfg = dict(CFG, **{field: value})
     # tensors are written for the tiny config (the absurd value only reaches the metadata)
-    path = tmp_path / "absurd.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_vocab_size(cfg["vocab_size"])
-    w.add_tensor("token_embd.weight", torch.zeros(32, 16).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = _write_gguf(tmp_path / "absurd.gguf", cfg, tensors={"token_embd.weight": torch.zeros(32, 16)})
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as e:
         _load_gguf(path, backend)
