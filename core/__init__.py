@@ -3,7 +3,8 @@
 Nothing here names a vendor or a backend, and nothing here imports the rest of anyaccel. The public surface is
 the union of the op-family modules' ``__all__`` (see docs/op-contracts.md).
 """
-from . import attention, collectives, fused, gemm, kv_cache
+from . import activation, attention, collectives, gemm, kv_cache, norm, rotary
+from .activation import *  # noqa: F401,F403
 from .attention import *  # noqa: F401,F403
 from .backend import KV_LAYOUTS, Backend, BackendDef
 from .collectives import *  # noqa: F401,F403
@@ -11,20 +12,22 @@ from .dispatch import (Candidate, KernelImpl, Op, OpCapability, Selection, clear
                        selections)
 from .errors import (AnyaccelError, InvalidArgumentError, PluginError, SelectionConflictError, StrictModeError,
                      UnsupportedError)
-from .fused import *  # noqa: F401,F403
 from .gemm import *  # noqa: F401,F403
 from .kv_cache import *  # noqa: F401,F403
+from .norm import *  # noqa: F401,F403
+from .rotary import *  # noqa: F401,F403
 from .version import API_VERSION
 
 #: Every op class the core defines, by op name (what KernelImpl.op refers to).
 OPS = {cls.name: cls for cls in (
-    gemm.Gemm, gemm.GroupedGemm, attention.Attention, attention.ReshapeAndCache, fused.RMSNorm, fused.LayerNorm,
-    fused.Rotary, fused.SiluAndMul, fused.GeluAndMul)}
+    gemm.Gemm, gemm.GroupedGemm, attention.Attention, attention.ReshapeAndCache, norm.RMSNorm, norm.LayerNorm,
+    rotary.Rotary, activation.SiluAndMul, activation.GeluAndMul)}
 
 __all__ = [
     "API_VERSION", "KV_LAYOUTS", "OPS", "Backend", "BackendDef", "Candidate", "KernelImpl", "Op", "OpCapability",
     "Selection", "clear_selections", "select", "selections",
     "AnyaccelError", "InvalidArgumentError", "PluginError", "SelectionConflictError", "StrictModeError",
     "UnsupportedError",
-    *attention.__all__, *collectives.__all__, *fused.__all__, *gemm.__all__, *kv_cache.__all__,
+    *attention.__all__, *collectives.__all__, *gemm.__all__, *kv_cache.__all__, *norm.__all__, *rotary.__all__,
+    *activation.__all__,
 ]
