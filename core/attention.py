@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -358,6 +358,125 @@ class AttentionMetadata:
                 max_slot, num_pad = _check_slots(slot_mapping)
         return cls(query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
                    block_size=block_size, slot_mapping=slot_mapping, num_seqs=num_seqs, num_tokens=num_tokens,
+                   max_query_len=max(q_lens, default=0), max_seq_len=max(lens, default=0),
+                   max_block_index=max_block, max_slot=max_slot, num_padding_slots=num_pad,
+                   query_starts_host=tuple(starts), query_lens_host=tuple(q_lens), seq_lens_host=tuple(lens))
+
+
+    @classmethod
+    def from_host(cls, query_start_loc: Sequence[int], seq_lens: Sequence[int],
+                  block_table: Sequence[Sequence[int]], block_size: int,
+                  slot_mapping: Optional[Sequence[int]] = None, *, device: Union[str, torch.device, None] = None,
+                  tensors: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
+                  ) -> "AttentionMetadata":
+        """The same metadata as :meth:`build`, from host lists of ints: validated on the host, no device sync.
+
+        The engine knows every value before the step runs; :meth:`build` would copy the uploaded tensors back to
+        the host to check them. Here the checks (the same errors as :meth:`build`) run on the lists, and the
+        tensors are either uploaded in ONE transfer (``tensors=None``: a packed host buffer to ``device``, then
+        views; ``query_start_loc``, ``seq_lens`` and ``block_table`` int32, ``slot_mapping`` int64), or given by
+        the caller as ``tensors = (query_start_loc, seq_lens, block_table, slot_mapping)`` already on the device
+        (a caller that packs its other step inputs into the same transfer). Given tensors must hold exactly the
+        listed values: their shapes, dtypes and devices are checked, their values are not (that would be the
+        sync this avoids).
+
+        :param block_table: ``S`` rows of equal length (pad with any non-negative id past a sequence's blocks).
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise InvalidArgumentError(_META_OP, "block_size", "a positive int", repr(block_size))
+        starts = [int(x) for x in query_start_loc]
+        lens = [int(x) for x in seq_lens]
+        rows = [list(r) for r in block_table]
+        num_seqs = len(lens)
+        if len(starts) != num_seqs + 1:
+            raise InvalidArgumentError(_META_OP, "query_start_loc", f"{num_seqs + 1} offsets (S+1)", len(starts))
+        if len(rows) != num_seqs:
+            raise InvalidArgumentError(_META_OP, "block_table", f"{num_seqs} rows (one per sequence in seq_lens)",
+                                       f"{len(rows)} rows")
+        max_blocks = len(rows[0]) if rows else 0
+        for i, r in enumerate(rows):
+            if len(r) != max_blocks:
+                raise InvalidArgumentError(_META_OP, "block_table", f"rows of equal length {max_blocks}",
+                                           f"row {i} of length {len(r)}")
+        if starts[0] != 0:
+            raise InvalidArgumentError(_META_OP, "query_start_loc", "query_start_loc[0] == 0", starts[0])
+        q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+        max_block = -1
+        for i, (n, L) in enumerate(zip(q_lens, lens)):
+            if n < 0:
+                raise InvalidArgumentError(_META_OP, "query_start_loc", "non-decreasing offsets",
+                                           f"query_start_loc[{i}] = {starts[i]} > query_start_loc[{i + 1}] = "
+                                           f"{starts[i + 1]}")
+            if L < 0:
+                raise InvalidArgumentError(_META_OP, "seq_lens", "non-negative lengths", f"seq_lens[{i}] = {L}")
+            if n > L:
+                raise InvalidArgumentError(_META_OP, "seq_lens",
+                                           f"seq_lens[{i}] >= its query length {n} (the new tokens are part of the "
+                                           f"context)", f"seq_lens[{i}] = {L}")
+            nb = -(-L // block_size)
+            if nb > max_blocks:
+                raise InvalidArgumentError(_META_OP, "block_table",
+                                           f"at least {nb} blocks per row for seq_lens[{i}] = {L} with "
+                                           f"block_size {block_size}",
+                                           f"shape {[num_seqs, max_blocks]} (sequence {i} does not fit its blocks)")
+            if nb:
+                used = rows[i][:nb]
+                lo = min(used)
+                if lo < 0:
+                    j = used.index(lo)
+                    raise InvalidArgumentError(_META_OP, "block_table", "non-negative block ids in the blocks a "
+                                               "sequence uses", f"block_table[{i}, {j}] = {lo}")
+                max_block = max(max_block, max(used))
+        num_tokens = starts[-1]
+        max_slot, num_pad = -1, 0
+        slots = None
+        if slot_mapping is not None:
+            slots = [int(x) for x in slot_mapping]
+            if len(slots) != num_tokens:
+                raise InvalidArgumentError(_META_OP, "slot_mapping", f"shape [{num_tokens}] (T)",
+                                           f"shape [{len(slots)}]")
+            live = [v for v in slots if v >= 0]
+            if len(set(live)) != len(live):
+                seen: Dict[int, int] = {}
+                for t, v in enumerate(slots):
+                    if v >= 0 and v in seen:
+                        raise InvalidArgumentError(_META_OP, "slot_mapping", "distinct slots (one cache slot per new "
+                                                   "token; negative values are padding)",
+                                                   f"slot_mapping[{seen[v]}] = slot_mapping[{t}] = {v}",
+                                                   "Two tokens would write the same cache slot")
+                    seen.setdefault(v, t)
+            max_slot, num_pad = max(slots, default=-1), num_tokens - len(live)
+        if tensors is None:
+            dev = torch.device(device) if device is not None else torch.device("cpu")
+            flat = starts + lens + [b for r in rows for b in r]
+            packed = torch.tensor(flat, dtype=torch.int32)
+            if dev.type != "cpu":
+                packed = packed.to(dev)
+            qsl_t = packed[:num_seqs + 1]
+            lens_t = packed[num_seqs + 1:2 * num_seqs + 1]
+            table_t = packed[2 * num_seqs + 1:].view(num_seqs, max_blocks)
+            slots_t = None if slots is None else torch.tensor(slots, dtype=torch.int64, device=dev)
+        else:
+            qsl_t, lens_t, table_t, slots_t = tensors
+            dev = lens_t.device
+            check_tensor(_META_OP, "query_start_loc", qsl_t, shape=(num_seqs + 1,), dims="S+1", dtypes=INDEX_DTYPES,
+                         device=dev)
+            check_tensor(_META_OP, "seq_lens", lens_t, shape=(num_seqs,), dims="S", dtypes=INDEX_DTYPES, device=dev)
+            check_tensor(_META_OP, "block_table", table_t, shape=(num_seqs, max_blocks), dims="S, max_blocks",
+                         dtypes=INDEX_DTYPES, device=dev)
+            for name, t in (("query_start_loc", qsl_t), ("seq_lens", lens_t), ("block_table", table_t)):
+                if not t.is_contiguous():
+                    raise InvalidArgumentError(_META_OP, name, "a contiguous tensor", "a strided view")
+            if (slots is None) != (slots_t is None):
+                raise InvalidArgumentError(_META_OP, "tensors", "a slot_mapping tensor exactly when slot_mapping is "
+                                           "given", "one without the other")
+            if slots_t is not None:
+                check_tensor(_META_OP, "slot_mapping", slots_t, shape=(num_tokens,), dims="T", dtypes=INDEX_DTYPES,
+                             device=dev)
+                if not slots_t.is_contiguous():
+                    raise InvalidArgumentError(_META_OP, "slot_mapping", "a contiguous tensor", "a strided view")
+        return cls(query_start_loc=qsl_t, seq_lens=lens_t, block_table=table_t, block_size=block_size,
+                   slot_mapping=slots_t, num_seqs=num_seqs, num_tokens=num_tokens,
                    max_query_len=max(q_lens, default=0), max_seq_len=max(lens, default=0),
                    max_block_index=max_block, max_slot=max_slot, num_padding_slots=num_pad,
                    query_starts_host=tuple(starts), query_lens_host=tuple(q_lens), seq_lens_host=tuple(lens))

@@ -30,6 +30,7 @@ from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
 from .config import check_memory
 from .sampling import Sampler, SamplingParams, make_generator
+from .step_inputs import upload_step
 
 __all__ = ["Engine", "EngineStats", "OutOfKVBlocksError"]
 
@@ -299,22 +300,18 @@ class Engine:
                 prefill_tokens += q
         dev = self.device
         i64 = torch.int64
-        input_ids_T = torch.tensor(ids, dtype=i64, device=dev)
-        positions_T = torch.tensor(positions, dtype=i64, device=dev)
-        meta = AttentionMetadata.build(
-            torch.tensor(starts, dtype=torch.int32, device=dev),
-            torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            torch.tensor(table, dtype=torch.int32, device=dev),
-            P,
-            slot_mapping=torch.tensor(slots, dtype=i64, device=dev))
+        input_ids_T, positions_T, meta = upload_step(dev, ids, positions, starts, seq_lens, table, slots, P)
         hidden_TH = self.model.forward(input_ids_T, positions_T, self.kv_caches, meta)
         for s, q in batch:
             s.num_computed += q
         used = self.num_blocks - self.allocator.num_free
         self.stats.peak_blocks = max(self.stats.peak_blocks, used)
         if sampled:
-            rows = torch.tensor(sample_rows, dtype=i64, device=dev)
-            logits_SV = self.model.compute_logits(hidden_TH.index_select(0, rows))
+            if len(sample_rows) == len(ids):  # pure decode: every row samples, no gather
+                logits_SV = self.model.compute_logits(hidden_TH)
+            else:  # the LM head only for the rows that sample
+                rows = torch.tensor(sample_rows, dtype=i64, device=dev)
+                logits_SV = self.model.compute_logits(hidden_TH.index_select(0, rows))
             new_tokens = self.sampler(logits_SV, [s.params for s in sampled], [s.generator for s in sampled])
             for s, tok in zip(sampled, new_tokens):
                 s.recomputing = False
