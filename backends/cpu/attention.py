@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ...core.attention import AttentionCapability, AttentionSpec
 from ...core.dispatch import KernelImpl
+from .features import half_matmul_native
 
 __all__ = ["KERNELS"]
 
@@ -42,6 +43,8 @@ _MAX_GATHER = 1 << 26  # elements of one gathered K (or V) buffer before heads a
 # for all sequences together, so a chunk is re-read from cache by the matmul that follows its gather.
 _CHUNK_TOKENS = 512
 _CHUNK_BYTES = 16 << 20
+# Decode tiles converted to the product dtype at most this many bytes at a time (stays in L2).
+_CONVERT_BYTES = 1 << 20
 # Decode runs on one intra-op thread unless ANYACCEL_CPU_DECODE_THREADS says otherwise ("all" = torch's setting).
 _DECODE_THREADS = os.environ.get("ANYACCEL_CPU_DECODE_THREADS", "all").strip().lower()
 # SDPA's CPU flash kernel, which also returns the log-sum-exp needed to merge chunks (private; optional).
@@ -292,6 +295,9 @@ def _build(spec: AttentionSpec):
     dt = spec.dtype
     cdt = spec.cache_dtype
     layout = spec.kv_layout
+    # decode's matrix products run in the working dtype where the CPU multiplies it natively, else in float32 on
+    # converted tiles (see backends/cpu/features.py: a half GEMM without the instructions is ~10x slower)
+    mdt = dt if half_matmul_native(dt) else torch.float32
     bufs: Dict[str, torch.Tensor] = {}
 
     def buffer(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -319,7 +325,7 @@ def _build(spec: AttentionSpec):
             k_src, v_src = k_cache.view(-1, d), v_cache.view(-1, d)
         t0 = batch.contiguous
         q_SHD = q_THD[t0:t0 + S] if t0 is not None else q_THD.index_select(0, batch.tokens)
-        q_RGD = q_SHD.reshape(sh, g, d)  # R = S * Hkv
+        q_RGD = q_SHD.reshape(sh, g, d).to(mdt)  # R = S * Hkv
         scores = buffer("scores", nch * sh * g * cp, torch.float32).view(nch, sh, g, cp)
         kv_n = max(batch.active) * hkv * cp * d
         for j, rows in enumerate(batch.rows):
@@ -327,9 +333,9 @@ def _build(spec: AttentionSpec):
             kb = buffer("kv", kv_n, cdt)[:n * cp * d].view(-1, k_src.shape[1])
             torch.index_select(k_src, 0, rows, out=kb)
             kb = kb.view(n, cp, d)
-            if cdt != dt:
-                kb = kb.to(dt)
-            if dt == torch.float32:
+            if cdt != mdt:
+                kb = kb.to(mdt)
+            if mdt == torch.float32:
                 torch.bmm(q_RGD[:n], kb.transpose(1, 2), out=scores[j, :n])
             else:  # rounded once to the dtype by the GEMM (float32 accumulation inside), softmax in float32
                 scores[j, :n].copy_(torch.bmm(q_RGD[:n], kb.transpose(1, 2)))
@@ -342,7 +348,7 @@ def _build(spec: AttentionSpec):
         flat = scores.view(nch, sh * g, cp)
         flat.sub_(flat.amax(dim=(0, 2), keepdim=True)).exp_()
         denom = flat.sum(dim=(0, 2)).view(sh, g, 1)
-        probs = scores if dt == torch.float32 else scores.to(dt)
+        probs = scores if mdt == torch.float32 else scores.to(dt)
         acc = buffer("acc", sh * g * d, torch.float32).view(sh, g, d).zero_()
         for j, rows in enumerate(batch.rows):
             n = batch.active[j] * hkv
@@ -351,9 +357,9 @@ def _build(spec: AttentionSpec):
             vb = vb.view(n, cp, d)
             if j in batch.masked_chunks:  # positions outside a key range: zero V there (0 * NaN is NaN)
                 vb.view(-1, hkv, cp, d).masked_fill_(batch.mask[j, :batch.active[j], :, :, None], 0)
-            if cdt != dt:
-                vb = vb.to(dt)
-            if dt == torch.float32:
+            if cdt != mdt:
+                vb = vb.to(mdt)
+            if mdt == torch.float32:
                 acc[:n].baddbmm_(probs[j, :n], vb)
             else:
                 acc[:n].add_(torch.bmm(probs[j, :n], vb))
@@ -363,17 +369,28 @@ def _build(spec: AttentionSpec):
         else:
             out_THD.index_copy_(0, batch.tokens, o_SHD.to(dt))
 
+    def tiles_bmm(a_TGX, b_TPD, transpose: bool) -> torch.Tensor:
+        """``a @ b^T`` (scores) or ``a @ b`` (outputs) per tile; cache tiles in another dtype than ``mdt`` are
+        converted a cache-sized group at a time (never the whole range at once: that would write and re-read it)."""
+        if b_TPD.dtype == mdt:
+            return torch.bmm(a_TGX, b_TPD.transpose(1, 2) if transpose else b_TPD)
+        n, P = b_TPD.shape[0], b_TPD.shape[1]
+        out = torch.empty(n, a_TGX.shape[1], P if transpose else d, dtype=mdt)
+        step = max(1, _CONVERT_BYTES // (P * d * 4))
+        for t0 in range(0, n, step):
+            b = b_TPD[t0:t0 + step].to(mdt)
+            torch.bmm(a_TGX[t0:t0 + step], b.transpose(1, 2) if transpose else b, out=out[t0:t0 + step])
+        return out
+
     def decode_tiles(q_THD, k_cache, v_cache, tb: _TileBatch, out_THD):
         """Decode over the cache's tiles in place (see :class:`_TileBatch`)."""
         S, P = tb.num, k_cache.shape[2]
         span = tb.hi - tb.lo
         k_TPD = k_cache[tb.lo:tb.hi].view(span * hkv, P, d)  # tiles (block, kv head), a view: no copy
         v_TPD = v_cache[tb.lo:tb.hi].view(span * hkv, P, d)
-        if cdt != dt:
-            k_TPD, v_TPD = k_TPD.to(dt), v_TPD.to(dt)
-        q_TGD = q_THD.reshape(-1, g, d).index_select(0, tb.q_rows)  # each tile's owner's query group
-        s_TGP = torch.bmm(q_TGD, k_TPD.transpose(1, 2))
-        s_TGP = s_TGP.float() if dt != torch.float32 else s_TGP
+        q_TGD = q_THD.reshape(-1, g, d).index_select(0, tb.q_rows).to(mdt)  # each tile's owner's query group
+        s_TGP = tiles_bmm(q_TGD, k_TPD, True)
+        s_TGP = s_TGP.float() if mdt != torch.float32 else s_TGP
         if cap is None:
             s_TGP.mul_(scale)
         else:
@@ -387,12 +404,13 @@ def _build(spec: AttentionSpec):
         m_RG.nan_to_num_(neginf=0.0)
         s_TGP.sub_(m_RG.index_select(0, rows).unsqueeze(2)).exp_()
         den_RG = torch.zeros((S + 1) * hkv, g).index_add_(0, rows, s_TGP.sum(dim=2))
-        p_TGP = s_TGP if dt == torch.float32 else s_TGP.to(dt)
-        o_TGD = torch.bmm(p_TGP, v_TPD)
+        p_TGP = s_TGP if mdt == torch.float32 else s_TGP.to(dt)
+        o_TGD = tiles_bmm(p_TGP, v_TPD, False)
         if tb.partial.numel():  # recompute the tiles with unused slots, their V zeroed there
-            v_part = v_TPD.index_select(0, tb.partial).masked_fill_(~tb.partial_valid, 0)
+            v_part = v_TPD.index_select(0, tb.partial).to(mdt).masked_fill_(~tb.partial_valid, 0)
             o_TGD.index_copy_(0, tb.partial, torch.bmm(p_TGP.index_select(0, tb.partial), v_part))
-        acc_RGD = torch.zeros((S + 1) * hkv, g, d).index_add_(0, rows, o_TGD.float() if dt != torch.float32 else o_TGD)
+        o_TGD = o_TGD.float() if mdt != torch.float32 else o_TGD
+        acc_RGD = torch.zeros((S + 1) * hkv, g, d).index_add_(0, rows, o_TGD)
         acc_RGD.div_(den_RG.unsqueeze(2))
         out_THD.index_copy_(0, tb.tokens[:S], acc_RGD[:S * hkv].view(S, hq, d).to(dt))
 

@@ -8,6 +8,7 @@ import torch
 
 from ...core.backend import BackendDef
 from ...plugins.hookspecs import hookimpl
+from . import features
 
 ANYACCEL_API_VERSION = 1
 
@@ -18,6 +19,7 @@ def _describe() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "isa": features.detect().summary(),
     }
 
 
