@@ -127,13 +127,12 @@ class Sampler:
                  generators: Sequence[Optional[torch.Generator]]) -> List[int]:
         if all(p.greedy for p in params):
             return torch.argmax(logits_SV, dim=-1).tolist()
-        tokens: List[int] = []
-        greedy_ids = torch.argmax(logits_SV, dim=-1).tolist()
+        # every row's token stays on the device until ONE host read at the end (no sync per sequence)
+        picked_S = torch.argmax(logits_SV, dim=-1)
         for i, p in enumerate(params):
             if p.greedy:
-                tokens.append(greedy_ids[i])
                 continue
             filtered = apply_top_k_top_p(logits_SV[i] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(filtered, dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-        return tokens
+            picked_S[i:i + 1] = torch.multinomial(probs, 1, generator=generators[i])
+        return picked_S.tolist()
