@@ -9,7 +9,7 @@ Shape legend: T tokens of the step (packed), S sequences, B max blocks per seque
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,17 +20,18 @@ __all__ = ["upload_step"]
 
 def upload_step(device: torch.device, ids: Sequence[int], positions: Sequence[int], starts: Sequence[int],
                 seq_lens: Sequence[int], table: Sequence[Sequence[int]], slots: Sequence[int],
-                block_size: int) -> Tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+                block_size: int, packed: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """``(input_ids_T, positions_T, meta)`` on ``device``; ``table`` rows padded to equal length by the caller.
 
-    On the host device the tensors are made directly (there is nothing to transfer). Elsewhere one int64 buffer
-    goes over and the index tensors become int32 views' copies on the device (asynchronous casts).
+    On the host device the tensors are made directly (there is nothing to transfer). Elsewhere (or with
+    ``packed=True``) one int64 buffer goes over and is cut into views; the index tensors of the metadata become
+    int32 copies made on the device (asynchronous casts, no sync).
     """
     T, S = len(ids), len(seq_lens)
     B = len(table[0]) if S else 0
     flat_table: List[int] = [b for row in table for b in row]
     i64, i32 = torch.int64, torch.int32
-    if device.type == "cpu":
+    if not (packed if packed is not None else device.type != "cpu"):
         ids_T = torch.tensor(ids, dtype=i64)
         pos_T = torch.tensor(positions, dtype=i64)
         slots_T = torch.tensor(slots, dtype=i64)

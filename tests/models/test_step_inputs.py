@@ -1,14 +1,16 @@
 """models.step_inputs: one step's tensors from host lists equal what the engine built before (build + uploads)."""
+import pytest
 import torch
 
 from anyaccel.core.attention import AttentionMetadata
 from anyaccel.models.step_inputs import upload_step
 
 
-def test_upload_step_matches_build():
+@pytest.mark.parametrize("packed", [False, True], ids=["direct", "one-packed-transfer"])
+def test_upload_step_matches_build(packed):
     ids, pos = [5, 6, 7, 9], [0, 1, 2, 8]
     starts, lens, table, slots = [0, 3, 4], [3, 9], [[2, 0, 0], [0, 1, 3]], [8, 9, 10, 12]
-    ids_T, pos_T, meta = upload_step(torch.device("cpu"), ids, pos, starts, lens, table, slots, 4)
+    ids_T, pos_T, meta = upload_step(torch.device("cpu"), ids, pos, starts, lens, table, slots, 4, packed=packed)
     ref = AttentionMetadata.build(torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
                                   torch.tensor(table, dtype=torch.int32), 4,
                                   slot_mapping=torch.tensor(slots, dtype=torch.int64))
