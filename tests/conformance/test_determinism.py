@@ -76,3 +76,12 @@ def test_triton_interpreter_deterministic_mode_is_bitwise_batch_invariant():
 
     be = get_registry().get("triton-interpreter")
     _assert_all_pass(D.run_invariance(be, torch.float32, batch_sizes=(1, 4), chunk_sizes=(None, 7)))
+
+
+@pytest.mark.parametrize("name", ["determinism.gemm_one_call", "determinism.gemm_split_k_small_m"])
+def test_planted_non_invariant_gemm_is_caught(cpu_backend, name):
+    from anyaccel.conformance.mutants.determinism import mutant_backend
+
+    be = mutant_backend(name, cpu_backend)
+    cases = D.run_invariance(be, torch.float32, batch_sizes=(1, 9), chunk_sizes=(None,))
+    assert cases and any(c.status == "fail" for c in cases), [(c.name, c.status) for c in cases]
