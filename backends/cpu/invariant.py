@@ -74,18 +74,23 @@ def lanewise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return out[:n].view(x.shape)
 
 
-def fixed_rows_mm(x_MK: torch.Tensor, w_NK: torch.Tensor, out_MN: torch.Tensor) -> torch.Tensor:
-    """``out = x @ w.T`` through ``torch.mm`` calls of exactly ``GEMM_ROWS`` rows (the last block zero-padded).
-    ``out`` has the dtype of the product (the caller casts)."""
+def fixed_rows_mm(x_MK: torch.Tensor, w_NK: torch.Tensor, out_MN: torch.Tensor,
+                  bias_N: "torch.Tensor | None" = None) -> torch.Tensor:
+    """``out = x @ w.T (+ bias)`` through ``torch.mm`` (``torch.addmm``: the bias added before the one rounding)
+    calls of exactly ``GEMM_ROWS`` rows (the last block zero-padded). ``out`` has the dtype of the product."""
     M = x_MK.shape[0]
     wt = w_NK.t()
     full = M - M % GEMM_ROWS
     for i in range(0, full, GEMM_ROWS):
-        torch.mm(x_MK[i:i + GEMM_ROWS], wt, out=out_MN[i:i + GEMM_ROWS])
+        if bias_N is None:
+            torch.mm(x_MK[i:i + GEMM_ROWS], wt, out=out_MN[i:i + GEMM_ROWS])
+        else:
+            torch.addmm(bias_N, x_MK[i:i + GEMM_ROWS], wt, out=out_MN[i:i + GEMM_ROWS])
     if full < M:
         pad = x_MK.new_zeros((GEMM_ROWS, x_MK.shape[1]))
         pad[:M - full] = x_MK[full:]
-        out_MN[full:] = torch.mm(pad, wt)[:M - full]
+        y = torch.mm(pad, wt) if bias_N is None else torch.addmm(bias_N, pad, wt)
+        out_MN[full:] = y[:M - full]
     return out_MN
 
 
@@ -96,10 +101,7 @@ def _build_gemm(spec: GemmSpec):
 
     def gemm_fixed_rows(x_MK, w_NK, bias_N, out_MN):
         if same:
-            fixed_rows_mm(x_MK, w_NK, out_MN)
-            if bias_N is not None:
-                out_MN += bias_N  # one rounded add per element, as addmm's epilogue
-            return out_MN
+            return fixed_rows_mm(x_MK, w_NK, out_MN, bias_N)
         y = fixed_rows_mm(x_MK.float(), w_NK.float(), torch.empty(out_MN.shape, dtype=torch.float32))
         if bias_N is not None:
             y += bias_N
@@ -185,8 +187,8 @@ def _build_gated(spec: GatedActivationSpec, kind: str):
     else:
         approximate = spec.approximate
 
-        def act(t):
-            return F.gelu(t, approximate=approximate)
+        def act(t):  # in float64, rounded once: torch's float32 vector erf loses digits on small outputs
+            return F.gelu(t.double(), approximate=approximate).to(t.dtype)
 
     def gated_lanewise(x_N2d, out_Nd):
         d = out_Nd.shape[1]
@@ -220,8 +222,6 @@ def _build_attention(spec: AttentionSpec):
             pos_n = torch.arange(ctx0, L)                         # each new token's position
             hi_n = pos_n if causal else torch.full_like(pos_n, L - 1)
             lo_n = (pos_n - window + 1).clamp_(min=0) if window is not None else torch.zeros_like(pos_n)
-            if not causal and window is not None:
-                lo_n = torch.zeros_like(pos_n)
             first_t, last_t = int(lo_n.min()) // KB, int(hi_n.max()) // KB
             nt = last_t - first_t + 1
             step = max(1, budget // max(1, hkv * nt * KB * d))

@@ -85,3 +85,12 @@ def test_planted_non_invariant_gemm_is_caught(cpu_backend, name):
     be = mutant_backend(name, cpu_backend)
     cases = D.run_invariance(be, torch.float32, batch_sizes=(1, 9), chunk_sizes=(None,))
     assert cases and any(c.status == "fail" for c in cases), [(c.name, c.status) for c in cases]
+
+
+def test_cli_deterministic_flag_shows_the_mode_in_explain(monkeypatch, capsys):
+    from anyaccel import cli
+
+    monkeypatch.setenv("ANYACCEL_DETERMINISTIC", "")  # restored after the test (main sets it)
+    assert cli.main(["--deterministic", "explain", "gemm", "--backend", "cpu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "mode: deterministic" in out and "cpu.gemm.fixed_rows" in out and "not batch invariant" in out
