@@ -69,7 +69,8 @@ def make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
     inv = _make_kernels(backend_name, inv_t, interpret, gemm_min_features=gemm_min_features,
                         priority=priority - INVARIANT_PRIORITY_DROP)
     return tuned + [dataclasses.replace(k, name=f"{k.name}.batch_invariant",
-                                        capability=dataclasses.replace(k.capability, batch_invariant=True))
+                                        capability=dataclasses.replace(k.capability, batch_invariant=True),
+                                        description=f"batch invariant (fixed launch shapes): {k.description}")
                     for k in inv]
 
 

@@ -133,5 +133,5 @@ def batch_invariant_tuning(t: TritonTuning) -> TritonTuning:
     a = dataclasses.replace(t.attention, block_m_decode=t.attention.block_m,
                             num_warps_decode=t.attention.num_warps, num_stages_decode=t.attention.num_stages,
                             split_kv_min_seq_len=1 << 62)
-    return dataclasses.replace(t, name=f"{t.name}+batch-invariant", gemm=(dataclasses.replace(mid, max_m=1 << 62),),
+    return dataclasses.replace(t, gemm=(dataclasses.replace(mid, max_m=1 << 62),),
                                attention=a, batch_invariant=True)
