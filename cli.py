@@ -416,6 +416,12 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return int(bench_model.bench_model_main(args, backend, console=_console()) or 0)
 
 
+def cmd_bench_determinism(args: argparse.Namespace) -> int:
+    from .bench import determinism as bench_det
+
+    return bench_det.main(args, _backend(args.backend) if args.backend else _default_backend())
+
+
 def cmd_bench_ops(args: argparse.Namespace) -> int:
     from .bench import ops as bench_ops
 
@@ -544,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"anyaccel {__version__}")
+    p.add_argument("--deterministic", dest="deterministic_global", action="store_true",
+                   help="batch-invariant mode: select only kernels that declare batch_invariant "
+                        "(sets ANYACCEL_DETERMINISTIC=1; also accepted after generate/chat)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -624,6 +633,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(func=cmd_bench_ops)
 
+    bd = bsub.add_parser("determinism", help="decode and prefill tok/s with and without --deterministic (A/B)")
+    bd.add_argument("--backend", help="backend name (default: the first available)")
+    bd.add_argument("--dtype", default="float32")
+    bd.add_argument("--batch", type=int, default=4)
+    bd.add_argument("--prompt-len", dest="prompt_len", type=int, default=128)
+    bd.add_argument("--new-tokens", dest="new_tokens", type=int, default=32)
+    bd.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds")
+    bd.add_argument("--quick", action="store_true", help="tiny model (a smoke run)")
+    bd.set_defaults(func=cmd_bench_determinism)
     from .bench.model import add_bench_model_arguments
     from .models.cli_support import add_generate_arguments
 
@@ -665,6 +683,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .core.errors import AnyaccelError
+
+    if getattr(args, "deterministic_global", False) or getattr(args, "deterministic", False):
+        os.environ["ANYACCEL_DETERMINISTIC"] = "1"
 
     try:
         return int(args.func(args) or 0)

@@ -770,6 +770,7 @@ class ReshapeAndCache(_PagedOp):
 
     name = "reshape_and_cache"
     spec_type = AttentionSpec
+    native_batch_invariant = True  # exact copies, one per token
     __slots__ = ()
 
     @classmethod

@@ -10,6 +10,8 @@ then calls the chosen kernel. Nothing is looked up per call.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any, Callable, ClassVar, FrozenSet, List, Optional, Sequence,
 
 import torch
 
-from .errors import SelectionConflictError, StrictModeError
+from .errors import SelectionConflictError, StrictModeError, UnsupportedError
 from .validation import dtype_name
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +36,8 @@ __all__ = [
     "clear_selections",
     "NATIVE_PROVIDER",
     "strict_default",
+    "deterministic_default",
+    "deterministic_mode",
 ]
 
 NATIVE_PROVIDER = "anyaccel.core"
@@ -42,6 +46,33 @@ NATIVE_PROVIDER = "anyaccel.core"
 def strict_default() -> bool:
     """Strict mode is off unless ``ANYACCEL_STRICT=1`` (the CLI's ``--strict`` sets it)."""
     return os.environ.get("ANYACCEL_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_DETERMINISTIC: "contextvars.ContextVar[Optional[bool]]" = contextvars.ContextVar("anyaccel_deterministic",
+                                                                                  default=None)
+
+
+def deterministic_default() -> bool:
+    """Deterministic (batch-invariant) mode: the innermost :func:`deterministic_mode` if one is active, else
+    ``ANYACCEL_DETERMINISTIC=1`` (the CLI's ``--deterministic`` sets it); off by default."""
+    v = _DETERMINISTIC.get()
+    if v is not None:
+        return v
+    return os.environ.get("ANYACCEL_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: Optional[bool] = True):
+    """``with deterministic_mode():`` every op built inside selects only kernels that declare
+    ``batch_invariant`` (``None`` leaves the surrounding mode as it is)."""
+    if on is None:
+        yield
+        return
+    token = _DETERMINISTIC.set(bool(on))
+    try:
+        yield
+    finally:
+        _DETERMINISTIC.reset(token)
 
 
 def _names(dtypes: FrozenSet[torch.dtype]) -> str:
@@ -53,9 +84,15 @@ class OpCapability:
     """What a kernel supports, as data. Subclasses in each op family add that family's fields.
 
     ``not_supported_reasons`` returns one human-readable sentence per unmet requirement; empty means supported.
+
+    :param batch_invariant: the kernel computes each row (token) of its result the same way, bit for bit,
+        whatever the batch around it: the number of rows, the row's position, the other sequences, the query
+        chunking. ``False`` (the default) promises nothing; deterministic mode (``--deterministic``) selects
+        only kernels that declare ``True``.
     """
 
     dtypes: FrozenSet[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+    batch_invariant: bool = False
 
     def not_supported_reasons(self, spec: Any) -> List[str]:
         reasons: List[str] = []
@@ -121,9 +158,12 @@ class Selection:
     provider: str
     fallback: bool
     candidates: Tuple[Candidate, ...]
+    deterministic: bool = False
 
     def explain(self) -> str:
         lines = [f"op {self.op} on backend '{self.backend}'", f"  call: {self.spec}"]
+        if self.deterministic:
+            lines.append("  mode: deterministic (only kernels that declare batch_invariant)")
         tag = " (fallback to the core's native implementation)" if self.fallback else ""
         lines.append(f"  chosen: {self.chosen} [from {self.provider}]{tag}")
         rejected = [c for c in self.candidates if not c.chosen]
@@ -143,6 +183,7 @@ class Selection:
             "provider": self.provider,
             "fallback": self.fallback,
             "candidates": [dataclasses.asdict(c) for c in self.candidates],
+            "deterministic": self.deterministic,
         }
 
 
@@ -158,10 +199,21 @@ def clear_selections() -> None:
     _LOG.clear()
 
 
-def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bool] = None) -> Tuple[Callable, Selection]:
-    """Choose the kernel for ``op`` with ``spec`` on ``backend``; record and return (kernel, selection)."""
+NOT_BATCH_INVARIANT = "not batch invariant (deterministic mode selects only kernels that declare batch_invariant)"
+
+
+def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bool] = None,
+           deterministic: Optional[bool] = None) -> Tuple[Callable, Selection]:
+    """Choose the kernel for ``op`` with ``spec`` on ``backend``; record and return (kernel, selection).
+
+    In deterministic mode a kernel whose capability does not declare ``batch_invariant`` is rejected with that
+    reason, and the core's native fallback is used only where the op declares it batch invariant
+    (``Op.native_batch_invariant``); otherwise the build raises :class:`UnsupportedError` listing every reason.
+    """
     if strict is None:
         strict = strict_default()
+    if deterministic is None:
+        deterministic = deterministic_default()
     kernels = sorted(backend.kernels_for(op.name), key=lambda k: -k.priority)
     records: List[Candidate] = []
     supported: List[KernelImpl] = []
@@ -170,6 +222,8 @@ def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bo
             reasons = tuple(str(r) for r in k.capability.not_supported_reasons(spec))
         except Exception as e:  # a plugin's capability check must not break selection for the others
             reasons = (f"its capability check raised {type(e).__name__}: {e}",)
+        if deterministic and not getattr(k.capability, "batch_invariant", False):
+            reasons = reasons + (NOT_BATCH_INVARIANT,)
         records.append(Candidate(k.name, k.provider, k.priority, reasons))
         if not reasons:
             supported.append(k)
@@ -195,6 +249,11 @@ def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bo
         reasons = [f"{c.name}: {'; '.join(c.reasons)}" for c in records]
         if not records:
             reasons = [f"backend '{backend.name}' registers no kernel for {op.name}"]
+        if deterministic and not op.native_batch_invariant:
+            raise UnsupportedError(
+                f"{op.name} on backend '{backend.name}': deterministic mode needs a batch-invariant kernel for "
+                f"{spec}; the backend declares none that serves it, and the core's native {op.name} is not batch "
+                f"invariant", reasons)
         if strict:
             raise StrictModeError(
                 f"{op.name} on backend '{backend.name}': strict mode forbids falling back to the core's native "
@@ -204,7 +263,8 @@ def select(op: type["Op"], spec: Any, backend: "Backend", *, strict: Optional[bo
     records = [dataclasses.replace(c, chosen=(c.name == chosen_name)) for c in records]
     if fallback:
         records.append(Candidate(chosen_name, provider, -(2**31), (), chosen=True))
-    sel = Selection(op.name, backend.name, spec, chosen_name, provider, fallback, tuple(records))
+    sel = Selection(op.name, backend.name, spec, chosen_name, provider, fallback, tuple(records),
+                    bool(deterministic))
     _LOG.append(sel)
     return kernel, sel
 
@@ -219,6 +279,8 @@ class Op:
 
     name: ClassVar[str]
     spec_type: ClassVar[type]
+    #: the native fallback computes each row the same way whatever the batch (deterministic mode may use it)
+    native_batch_invariant: ClassVar[bool] = False
 
     __slots__ = ("spec", "kernel", "selection")
 
@@ -228,14 +290,16 @@ class Op:
         self.selection = selection
 
     @classmethod
-    def build(cls, spec: Any, backend: "Backend", *, strict: Optional[bool] = None) -> "Op":
-        """Validate ``spec``, select the kernel on ``backend`` and return the callable op."""
+    def build(cls, spec: Any, backend: "Backend", *, strict: Optional[bool] = None,
+              deterministic: Optional[bool] = None) -> "Op":
+        """Validate ``spec``, select the kernel on ``backend`` and return the callable op (``deterministic``:
+        see :func:`select`; ``None`` follows :func:`deterministic_default`)."""
         if not isinstance(spec, cls.spec_type):
             from .errors import InvalidArgumentError
 
             raise InvalidArgumentError(cls.name, "spec", cls.spec_type.__name__, type(spec).__name__)
         cls.check_spec(spec)
-        kernel, sel = select(cls, spec, backend, strict=strict)
+        kernel, sel = select(cls, spec, backend, strict=strict, deterministic=deterministic)
         return cls(spec, kernel, sel)
 
     @classmethod

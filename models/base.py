@@ -249,7 +249,7 @@ def parse_dtype(dtype: Any) -> torch.dtype:
 
 
 def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, strict: bool = False,
-                block_size: Optional[int] = None) -> Model:
+                block_size: Optional[int] = None, *, deterministic: Optional[bool] = None) -> Model:
     """Build a model on ``backend`` in ``dtype``; every op's kernel is selected here, once.
 
     :param source: a Hugging Face format directory (config + safetensors weights, loaded), a transformers model
@@ -257,8 +257,11 @@ def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, stric
         ``load_weights``), or a :class:`ModelConfig`.
     :param strict: forbid falling back to the core's native implementation of any op.
     :param block_size: KV-cache block size; default: the backend's preferred one.
+    :param deterministic: select only batch-invariant kernels (``None``: ``ANYACCEL_DETERMINISTIC``).
     """
     import os
+
+    from ..core.dispatch import deterministic_mode
 
     from . import loading, registry
 
@@ -266,7 +269,8 @@ def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, stric
     weights = None
     if isinstance(source, ModelConfig):
         cls = registry.resolve({"architectures": [source.architecture]})[1]
-        return cls(source, backend, dt, strict, block_size)
+        with deterministic_mode(deterministic):
+            return cls(source, backend, dt, strict, block_size)
     if isinstance(source, (str, os.PathLike)):
         label = os.path.join(os.fspath(source), "config.json")
         d = loading.read_config(source)
@@ -281,7 +285,8 @@ def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, stric
     else:
         raise TypeError(f"build_model: expected a directory, a transformers model, a config dict or a ModelConfig; "
                         f"received {type(source).__name__}")
-    model = build_from_config_dict(d, backend, dt, strict, block_size, label)
+    with deterministic_mode(deterministic):
+        model = build_from_config_dict(d, backend, dt, strict, block_size, label)
     if weights is not None:
         where = f"{os.fspath(source)}: " if isinstance(source, (str, os.PathLike)) else ""
         try:

@@ -44,6 +44,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels only: a sequence's logits do not depend on the batch around it")
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
                         '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')

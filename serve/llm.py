@@ -183,13 +183,17 @@ class LLM:
     :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
         most (longer prompts are prefilled in chunks that share steps with decode).
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
+    :param deterministic: build with batch-invariant kernels only, so a request's logits do not depend on the
+        requests batched with it (``None``: ``ANYACCEL_DETERMINISTIC``; ignored for an already built model).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
-                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
+                 deterministic: Optional[bool] = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from ..core.dispatch import deterministic_mode
         from ..models.base import build_model, parse_dtype
         from ..models.cli_support import load_generation_model
         from ..models.runner import Engine
@@ -209,11 +213,13 @@ class LLM:
         else:
             self.backend = choose_backend(backend)
             if isinstance(model, (str, os.PathLike)):
-                self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt, strict=strict,
-                                                                builtins=builtins)
+                with deterministic_mode(deterministic):
+                    self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt,
+                                                                    strict=strict, builtins=builtins)
             else:
                 try:
-                    self.model = build_model(model, self.backend, dt, strict=strict, block_size=block_size)
+                    self.model = build_model(model, self.backend, dt, strict=strict, block_size=block_size,
+                                             deterministic=deterministic)
                 except TypeError as e:
                     raise InvalidArgumentError(_OP, "model", "a checkpoint name, a directory, a .gguf file, a "
                                                "transformers model or an anyaccel model", type(model).__name__) from e

@@ -504,6 +504,7 @@ KERNELS = [
                description="per-sequence index_select gather into head-major buffers + torch SDPA (flash CPU); "
                            "explicit float32 path for soft-cap"),
     KernelImpl(op="reshape_and_cache", backend="cpu", name="cpu.reshape_and_cache.index_copy", build=_build_write,
-               priority=10, capability=_CAPABILITY,
-               description="index_copy_ of each token's K/V rows into the cache"),
+               priority=10, capability=AttentionCapability(dtypes=_FLOATS, kv_cache_dtypes=_FLOATS,
+                                                           batch_invariant=True),
+               description="index_copy_ of each token's K/V rows into the cache (exact copies: batch invariant)"),
 ]

@@ -33,6 +33,6 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import attention, fused, gemm
+    from . import attention, fused, gemm, invariant
 
-    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *invariant.KERNELS]

@@ -231,14 +231,14 @@ def launch_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table
     T, Hq, D = q.shape
     S = seq_lens.shape[0]
     qpk = Hq // num_kv_heads
-    decode = max_query_len <= 1
+    decode = max_query_len <= 1 and not tuning.batch_invariant
     block_m = max(a.block_m_decode if decode else a.block_m, next_power_of_2(qpk), 16)
     block_q = block_m // qpk
     head_pad = max(next_power_of_2(D), 16)
     grid0 = T // block_q + S
     if num_splits is None:
         num_splits = 1
-        if max_seq_len >= a.split_kv_min_seq_len and grid0 * num_kv_heads < a.split_kv_max_programs:
+        if not tuning.batch_invariant and max_seq_len >= a.split_kv_min_seq_len and grid0 * num_kv_heads < a.split_kv_max_programs:
             tiles = cdiv(max_seq_len, a.tile_n)
             num_splits = max(1, min(a.max_splits, cdiv(tiles, a.split_kv_tiles_per_split)))
     q = _last_dim_contiguous(q)

@@ -137,7 +137,12 @@ def _rows(t: torch.Tensor, width: int):
 def _rows_per_program(tuning: TritonTuning, n_rows: int, width_pad: int) -> int:
     # cap a tile's elements (register pressure on a GPU); the interpreter tier asks for many rows
     cap = max(1, tuning.max_tile_elements // width_pad)
-    return max(1, min(tuning.rows_per_program, next_power_of_2(n_rows), next_power_of_2(cap)))
+    return max(1, min(tuning.rows_per_program, _batch_rows(tuning, n_rows), next_power_of_2(cap)))
+
+
+def _batch_rows(tuning: TritonTuning, n_rows: int) -> int:
+    """The row count's say in the rows per program: none in a batch-invariant tuning (a fixed tile shape)."""
+    return 1 << 30 if tuning.batch_invariant else next_power_of_2(n_rows)
 
 
 def _norm_warps(tuning: TritonTuning, block_h: int) -> int:
@@ -220,7 +225,7 @@ def build_rotary(spec, tuning: TritonTuning, interpret: bool) -> Callable:
             return out
         src = x if x.stride(-1) == 1 else x.contiguous()
         dst = out if out.stride(-1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
-        rows = max(1, min(tuning.rotary_rows_per_program, next_power_of_2(n)))
+        rows = max(1, min(tuning.rotary_rows_per_program, _batch_rows(tuning, n)))
         kern[(cdiv(n, rows),)](
             positions, src, cache, dst, n, heads, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
             cache.stride(0), HALF=half, HALF_PAD=next_power_of_2(half), HEAD=D, ROT=rot,
@@ -254,7 +259,8 @@ def build_gated_activation(spec, tuning: TritonTuning, interpret: bool, kind: st
         n = x2.shape[0]
         if n and d:
             block_d = min(next_power_of_2(d), tuning.elementwise_block)
-            rows = max(1, min(tuning.rows_per_program, next_power_of_2(n), max(1, tuning.elementwise_block // block_d)))
+            rows = max(1, min(tuning.rows_per_program, _batch_rows(tuning, n),
+                              max(1, tuning.elementwise_block // block_d)))
             kern[(cdiv(n, rows), cdiv(d, block_d))](
                 x2, o2, n, d, x2.stride(0), o2.stride(0), ACT=act, ROWS=rows, BLOCK_D=block_d,
                 num_warps=tuning.elementwise_num_warps, **opts)

@@ -6,6 +6,7 @@ limits (smaller shapes for the interpreter) show up in ``anyaccel explain`` as r
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -15,7 +16,7 @@ from ...core.attention import ATTENTION_FEATURES, AttentionCapability
 from ...core.dispatch import KernelImpl
 from ...core.fused import GatedActivationCapability, NormCapability, RotaryCapability
 from ...core.gemm import GemmCapability, GroupedGemmCapability
-from .tuning import TritonTuning
+from .tuning import TritonTuning, batch_invariant_tuning
 
 __all__ = ["make_kernels", "ShapeRangeGemmCapability", "FLOATS", "PRIORITY"]
 
@@ -50,14 +51,31 @@ class ShapeRangeGemmCapability(GemmCapability):
         return reasons
 
 
+#: how far below the tuned kernels their batch-invariant variants rank (deterministic mode rejects the others)
+INVARIANT_PRIORITY_DROP = 10
+
+
 def make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
                  gemm_min_features: Optional[int] = None, priority: int = PRIORITY) -> List[KernelImpl]:
-    """Every shared Triton kernel, registered for ``backend_name``.
+    """Every shared Triton kernel, registered for ``backend_name``, twice: tuned, and (``INVARIANT_PRIORITY_DROP``
+    lower) built with :func:`batch_invariant_tuning`, declaring ``batch_invariant`` for deterministic mode.
 
     :param tuning: tile sizes and launch options of this backend.
     :param interpret: run through Triton's interpreter on CPU tensors (the ``triton-interpreter`` tier).
     :param gemm_min_features: declare the GEMM only for K, N >= this (the backend has a faster alternative below).
     """
+    tuned = _make_kernels(backend_name, tuning, interpret, gemm_min_features=gemm_min_features, priority=priority)
+    inv_t = batch_invariant_tuning(tuning)
+    inv = _make_kernels(backend_name, inv_t, interpret, gemm_min_features=gemm_min_features,
+                        priority=priority - INVARIANT_PRIORITY_DROP)
+    return tuned + [dataclasses.replace(k, name=f"{k.name}.batch_invariant",
+                                        capability=dataclasses.replace(k.capability, batch_invariant=True),
+                                        description=f"batch invariant (fixed launch shapes): {k.description}")
+                    for k in inv]
+
+
+def _make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
+                  gemm_min_features: Optional[int] = None, priority: int = PRIORITY) -> List[KernelImpl]:
     from . import attention, fused, gemm
 
     lim = tuning.limits

@@ -81,6 +81,10 @@ class TritonTuning:
     :param rows_per_program: rows of a norm / activation per program.
     :param launch_options: extra launch keywords for every GPU launch (AMD: ``waves_per_eu``,
         ``matrix_instr_nonkdim``), as (name, value) pairs.
+    :param batch_invariant: launch shapes never depend on the batch: one GEMM config for every M (no split-K
+        exists), one attention row block for prefill and decode and no split-KV (a fixed key tile, never a
+        number of splits that follows the batch), fixed rows per program for norms and elementwise ops. Made by
+        :func:`batch_invariant_tuning`; the kernels built with it declare ``batch_invariant``.
     """
 
     name: str
@@ -101,6 +105,7 @@ class TritonTuning:
     max_tile_elements: int = 16384
     launch_options: Tuple[Tuple[str, object], ...] = ()
     limits: Limits = field(default_factory=Limits)
+    batch_invariant: bool = False
 
     def gemm_config(self, m: int) -> GemmConfig:
         for c in self.gemm:
@@ -117,3 +122,16 @@ class TritonTuning:
             "gemm_configs": len(self.gemm),
             "launch_options": dict(self.launch_options),
         }
+
+
+def batch_invariant_tuning(t: TritonTuning) -> TritonTuning:
+    """``t`` with every batch-dependent launch choice fixed (see ``TritonTuning.batch_invariant``): the GEMM config
+    ``t`` uses for mid-sized M serves every M, decode uses the prefill row block, split-KV is off."""
+    import dataclasses
+
+    mid = t.gemm[min(1, len(t.gemm) - 1)]
+    a = dataclasses.replace(t.attention, block_m_decode=t.attention.block_m,
+                            num_warps_decode=t.attention.num_warps, num_stages_decode=t.attention.num_stages,
+                            split_kv_min_seq_len=1 << 62)
+    return dataclasses.replace(t, gemm=(dataclasses.replace(mid, max_m=1 << 62),),
+                               attention=a, batch_invariant=True)
