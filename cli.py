@@ -363,7 +363,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     try:
         report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
                             seed=args.seed, progress=progress_cb, models=models,
-                            allow_unsupported=args.allow_unsupported, check_coverage=True)
+                            allow_unsupported=args.allow_unsupported, check_coverage=True,
+                            world_size=args.world_size, dist_backend=args.dist_backend)
     finally:
         if bar is not None:
             bar.stop()
@@ -606,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 even when cases could not run here ('not run': e.g. transformers, the model "
                         "reference, is missing: pip install 'anyaccel[reference]'); they are still reported")
     c.add_argument("--examples", type=int, default=10, help="hypothesis-drawn cases per family and dtype")
+    c.add_argument("--world-size", dest="world_size", type=int, default=2, metavar="N",
+                   help="processes the collectives family spawns (default 2)")
+    c.add_argument("--dist-backend", dest="dist_backend", metavar="NAME",
+                   help="torch.distributed backend the collectives run over (default: the one the backend "
+                        "declares), e.g. a vendor's registered backend")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", metavar="PATH")
     c.add_argument("--junit", metavar="PATH")
