@@ -78,10 +78,19 @@ def tp_eligible(config: Dict[str, Any], world: int) -> str:
     return ""
 
 
-def _plant(bug: str) -> None:
-    """Plant ``bug`` (a key of :data:`PLANTED_BUGS`) into this worker's sharding plan, before any model is built:
-    each replaces one piece of :mod:`anyaccel.models.parallel` in this process only."""
+def _plant(bug: str) -> Callable[[], None]:
+    """Plant ``bug`` (a key of :data:`PLANTED_BUGS`) into this worker's sharding plan, before a model is built:
+    each replaces one piece of :mod:`anyaccel.models.parallel` in this process only. Returns the undo."""
     from ..models import parallel
+
+    saved = {k: getattr(parallel, k) for k in ("head_layout", "_vocab_parallel_embed")}
+    calls = {c: c.__dict__["__call__"] for c in (parallel.RowParallelLinear, parallel.VocabParallelHead)}
+
+    def undo() -> None:
+        for k, v in saved.items():
+            setattr(parallel, k, v)
+        for c, f in calls.items():
+            c.__call__ = f
 
     if bug == "kv_head_zero":
         right = parallel.head_layout
@@ -116,6 +125,7 @@ def _plant(bug: str) -> None:
         parallel.VocabParallelHead.__call__ = head_call
     else:
         raise InvalidArgumentError("run_tp", "bug", f"one of {', '.join(PLANTED_BUGS)}", repr(bug))
+    return undo
 
 
 def _logits_and_greedy(model: Any, prompt: Sequence[int], greedy: int) -> Tuple[torch.Tensor, List[int]]:
@@ -156,8 +166,7 @@ def _prompt(vocab: int) -> List[int]:
     return torch.randint(3, vocab, (TP_PROMPT_LEN,), generator=g).tolist()
 
 
-def _worker(rank: int, world: int, init_method: str, backend_name: str, jobs, timeout: float, bug: Optional[str],
-            conn) -> None:
+def _worker(rank: int, world: int, init_method: str, backend_name: str, jobs, timeout: float, conn) -> None:
     torch.set_num_threads(1)
     from ..core.collectives import Communicator
     from ..models import parallel
@@ -165,14 +174,13 @@ def _worker(rank: int, world: int, init_method: str, backend_name: str, jobs, ti
 
     try:
         backend = get_registry().get(backend_name)
-        if bug is not None:
-            _plant(bug)
         comm = Communicator.init(backend, rank, world, init_method, timeout=timeout)
     except BaseException as e:
         conn.send(("abort", rank, f"start failed: {type(e).__name__}: {e}"))
         return
     try:
-        for name, path, dt, prompt, greedy in jobs:
+        for name, path, dt, prompt, greedy, bug in jobs:
+            undo = _plant(bug) if bug else None
             try:
                 model = parallel.build_tensor_parallel_model(path, backend, dt, comm)
                 logits, toks = _logits_and_greedy(model, prompt, greedy)
@@ -181,6 +189,9 @@ def _worker(rank: int, world: int, init_method: str, backend_name: str, jobs, ti
                 conn.send(("result", rank, (name, dtype_name(dt)), buf.getvalue(), toks))
             except Exception as e:
                 conn.send(("error", rank, (name, dtype_name(dt)), f"{type(e).__name__}: {e}"))
+            finally:
+                if undo is not None:
+                    undo()
     finally:
         try:
             comm.destroy()
@@ -191,20 +202,22 @@ def _worker(rank: int, world: int, init_method: str, backend_name: str, jobs, ti
 
 
 def run_tp(backend: Backend, names: Sequence[str], dtypes: Sequence[torch.dtype] = (torch.float32,),
-           world_size: int = 2, *, timeout: float = 600.0, op_timeout: float = 60.0, bug: Optional[str] = None,
-           configs: Optional[Dict[str, Dict[str, Any]]] = None,
+           world_size: int = 2, *, timeout: float = 600.0, op_timeout: float = 60.0,
+           bugs: Optional[Dict[str, str]] = None, configs: Optional[Dict[str, Dict[str, Any]]] = None,
            progress: Optional[Callable[[str], None]] = None) -> List[CaseResult]:
     """TP=``world_size`` against TP=1 for every model in ``names`` and dtype; one spawn for all of them.
 
-    :param bug: plant a bug of :data:`PLANTED_BUGS` in the sharded model (to show a check catches it).
+    :param bugs: model name -> a bug of :data:`PLANTED_BUGS` planted in that model's sharded runs (to show the
+        checks catch it); the others run clean in the same spawn.
     """
     from . import models as cm
     from ..models import build_model
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
         raise InvalidArgumentError("run_tp", "world_size", "an int >= 2", repr(world_size))
-    if bug is not None and bug not in PLANTED_BUGS:
-        raise InvalidArgumentError("run_tp", "bug", f"one of {', '.join(PLANTED_BUGS)}", repr(bug))
+    bugs = dict(bugs or {})
+    if any(b not in PLANTED_BUGS for b in bugs.values()):
+        raise InvalidArgumentError("run_tp", "bugs", f"values among {', '.join(PLANTED_BUGS)}", repr(bugs))
     configs = configs or tp_configs()
     results: List[CaseResult] = []
 
@@ -236,12 +249,12 @@ def run_tp(backend: Backend, names: Sequence[str], dtypes: Sequence[torch.dtype]
                 greedy = TP_GREEDY_TOKENS if dt == torch.float32 else 0
                 one = build_model(path, backend, dt)
                 expected[(name, dtype_name(dt))] = _logits_and_greedy(one, prompt, greedy)
-                jobs.append((name, path, dt, prompt, greedy))
+                jobs.append((name, path, dt, prompt, greedy, bugs.get(name)))
         if progress:
             progress(f"tp: {len(jobs)} (model, dtype) on {world_size} processes")
-        got = _spawn(world_size, backend.name, jobs, timeout, op_timeout, bug, tmp) if jobs else ({}, {})
+        got = _spawn(world_size, backend.name, jobs, timeout, op_timeout, tmp) if jobs else ({}, {})
         per_key, aborted = got
-        for name, _, dt, _, greedy in jobs:
+        for name, _, dt, _, greedy, _ in jobs:
             key = (name, dtype_name(dt))
             ref_logits, ref_toks = expected[key]
             msgs = [per_key.get(key, {}).get(r) for r in range(world_size)]
@@ -277,14 +290,14 @@ def run_tp(backend: Backend, names: Sequence[str], dtypes: Sequence[torch.dtype]
     return results
 
 
-def _spawn(world: int, backend_name: str, jobs, timeout: float, op_timeout: float, bug: Optional[str], tmp: str):
+def _spawn(world: int, backend_name: str, jobs, timeout: float, op_timeout: float, tmp: str):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
     init_method = "file://" + os.path.join(tmp, "rendezvous")
     procs = [ctx.Process(target=_worker, name=f"anyaccel-tp-{r}", daemon=True,
-                         args=(r, world, init_method, backend_name, jobs, op_timeout, bug, pipes[r][1]))
+                         args=(r, world, init_method, backend_name, jobs, op_timeout, pipes[r][1]))
              for r in range(world)]
     per_key: Dict[Tuple[str, str], Dict[int, tuple]] = {}
     aborted: Dict[int, str] = {}
