@@ -195,7 +195,8 @@ def _run_faults(comm: Communicator, communicator: type, faults: List[CollectiveC
         if faulty:
             conn.send(("result", rank, key, _dump({"role": f"faulty ({case.fault})"}), 0.0, "native"))
             if case.fault == "stall":
-                time.sleep(fault_timeout + FAULT_SLACK_SECONDS / 2)
+                time.sleep(fault_timeout + 1.0)  # past the survivors' timeout, then back for the next case
+                comm.barrier()
                 continue
             conn.send(("done", rank, ""))
             conn.close()
@@ -210,6 +211,8 @@ def _run_faults(comm: Communicator, communicator: type, faults: List[CollectiveC
         seconds = time.perf_counter() - t0
         outcome["seconds"] = seconds
         conn.send(("result", rank, key, _dump(outcome), seconds, "native"))
+        if case.fault == "stall":
+            comm.barrier()  # on the default group, which the stall did not break: the faulty rank is back
 
 
 def _judge_fault(case: CollectiveCase, outs: List[Any], fault_timeout: float) -> Tuple[str, Optional[float], str]:
@@ -292,7 +295,8 @@ def _resolve(ref: Tuple[str, str, str]) -> type:
 
 
 def _worker(rank: int, world_size: int, init_method: str, backend: Backend, communicator_ref: Tuple[str, str, str],
-            dtypes: Tuple[torch.dtype, ...], op_timeout: float, conn, fault_timeout: float = 3.0) -> None:
+            dtypes: Tuple[torch.dtype, ...], op_timeout: float, conn, fault_timeout: float = 1.0,
+            faults: bool = True) -> None:
     torch.set_num_threads(1)
     try:
         communicator = _resolve(communicator_ref)
@@ -319,9 +323,9 @@ def _worker(rank: int, world_size: int, init_method: str, backend: Backend, comm
                     conn.send(("abort", rank, f"stopped after an error in '{key[0]}' ({key[1]})"))
                     return
                 conn.send(("result", rank, key, _dump(out), time.perf_counter() - t0, route))
-        faults = [c for c in collective_cases(world_size) if c.fault]
-        if faults:
-            _run_faults(comm, communicator, faults, fault_timeout, conn)
+        fault_cases = [c for c in collective_cases(world_size) if c.fault] if faults else []
+        if fault_cases:
+            _run_faults(comm, communicator, fault_cases, fault_timeout, conn)
     finally:
         try:
             comm.destroy()
@@ -401,7 +405,7 @@ def backend_communicator(backend: Backend) -> type:
 
 def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
                     world_size: int = 2, timeout: float = 120.0, *, op_timeout: float = 20.0,
-                    communicator: Optional[type] = None, fault_timeout: float = 3.0,
+                    communicator: Optional[type] = None, fault_timeout: float = 1.0, faults: bool = True,
                     dist_backend: Optional[str] = None) -> List[CaseResult]:
     """Run every collective case on ``backend`` with ``world_size`` processes; one record per (case, dtype).
 
@@ -409,6 +413,7 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
         missing cases reported as ``error``.
     :param op_timeout: seconds a single collective may wait for its peers before the transport gives up.
     :param fault_timeout: the timeout of the groups the fault cases (:data:`FAULTS`) break.
+    :param faults: run the fault cases (default); ``False`` leaves them out of the run and of the records.
     :param dist_backend: run over this torch.distributed backend instead of the one ``backend`` declares (a
         vendor's registered backend under test).
     :param communicator: the Communicator class the workers build (``communicator.init(...)``); a fresh
@@ -435,7 +440,7 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
     for name, v in (("timeout", timeout), ("op_timeout", op_timeout), ("fault_timeout", fault_timeout)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
             raise InvalidArgumentError("run_collectives", name, "positive seconds", repr(v))
-    cases = collective_cases(world_size)
+    cases = [c for c in collective_cases(world_size) if faults or not c.fault]
     keys = [(c, None if c.dtype_free else dt) for dt in dtypes for c in cases if not (c.dtype_free and dt != dtypes[0])]
 
     def record(case, dt, status, reason="", **kw) -> CaseResult:
@@ -467,7 +472,7 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
     ref = _class_ref(communicator)
     procs = [ctx.Process(target=_worker, name=f"anyaccel-collectives-{r}", daemon=True,
                          args=(r, world_size, init_method, portable, ref, dtypes, op_timeout, pipes[r][1],
-                               fault_timeout))
+                               fault_timeout, faults))
              for r in range(world_size)]
     got: Dict[Tuple[str, str], Dict[int, tuple]] = {}
     aborted: Dict[int, str] = {}
