@@ -503,4 +503,7 @@ def init_from_env(backend: Backend, tensor_parallel_size: int, timeout: Optional
         raise InvalidArgumentError(where, "tensor_parallel_size", f"the torchrun world size ({world})",
                                    tensor_parallel_size, f"pass --tp {world}, or launch {tensor_parallel_size} "
                                    f"processes (torchrun --nproc-per-node {tensor_parallel_size})")
-    return Communicator.init(backend, rank, world, "env://", timeout=timeout)
+    # the device of this process: its index on this node (LOCAL_RANK), so every node numbers its devices from 0
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = Communicator._default_device(backend.device, local)
+    return Communicator.init(backend, rank, world, "env://", timeout=timeout, device=device)
