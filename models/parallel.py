@@ -57,7 +57,7 @@ from .layers import AttentionLayer, GatedMLP, Linear, MoE, RotaryEmbedding
 
 __all__ = ["HeadLayout", "head_layout", "shard_range", "RowParallelLinear", "VocabParallelHead", "ReducedMLP",
            "apply_tensor_parallel", "shard_plan", "load_sharded", "SafetensorsSlices", "TensorSlices",
-           "build_tensor_parallel_model", "init_from_env", "shared_seed", "tp_world"]
+           "build_tensor_parallel_model", "init_from_env", "shared_seed", "tp_world", "MirroredEngine"]
 
 #: One sharded internal tensor: (dim, [(start, stop), ...]): this rank's local tensor is the concatenation along
 #: ``dim`` of those ranges of the full internal tensor.
@@ -507,3 +507,99 @@ def init_from_env(backend: Backend, tensor_parallel_size: int, timeout: Optional
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = Communicator._default_device(backend.device, local)
     return Communicator.init(backend, rank, world, "env://", timeout=timeout, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+class MirroredEngine:
+    """An :class:`~anyaccel.models.runner.Engine` driven by rank 0 and mirrored on every other rank.
+
+    A server receives requests on rank 0 only, but every rank must run the same steps (each forward has
+    collectives). On rank 0, :meth:`add_request`, :meth:`abort` and :meth:`step` first broadcast the call (JSON)
+    and then apply it; the other ranks sit in :meth:`follow`, applying each call in the same order, until rank 0
+    calls :meth:`stop`. Unseeded sampling gets a seed on rank 0 before the broadcast, so every rank draws the
+    same token. Everything else (``num_waiting``, ``has_unfinished_requests()``...) reads the local engine."""
+
+    def __init__(self, engine: Any, comm: Communicator) -> None:
+        import threading
+
+        self.engine, self.comm = engine, comm
+        self._lock = threading.Lock()  # one call at a time: the broadcast order is the order every rank applies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["engine"], name)
+
+    # -- the wire: a length, then the JSON bytes
+    def _send(self, cmd: Dict[str, Any]) -> None:
+        import json
+
+        data = torch.tensor(list(json.dumps(cmd).encode()), dtype=torch.uint8)
+        self.comm.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.comm.device), 0)
+        self.comm.broadcast(data.to(self.comm.device), 0)
+
+    def _recv(self) -> Dict[str, Any]:
+        import json
+
+        n = int(self.comm.broadcast(torch.zeros(1, dtype=torch.int64, device=self.comm.device), 0).item())
+        data = self.comm.broadcast(torch.zeros(n, dtype=torch.uint8, device=self.comm.device), 0)
+        return json.loads(bytes(data.cpu().tolist()).decode())
+
+    def _leader(self, method: str) -> None:
+        if self.comm.rank != 0:
+            raise InvalidArgumentError("MirroredEngine", method, "a call on rank 0 (the others follow)",
+                                       f"a call on rank {self.comm.rank}")
+
+    def add_request(self, request_id: str, prompt: Sequence[int], params: Any = None) -> None:
+        from .sampling import SamplingParams
+
+        self._leader("add_request")
+        params = params if params is not None else SamplingParams()
+        if params.seed is None and params.temperature:
+            params = dataclasses.replace(params, seed=int(torch.randint(0, 2 ** 62, (1,)).item()))
+        with self._lock:
+            self._send({"op": "add", "id": request_id, "prompt": [int(t) for t in prompt],
+                        "params": dataclasses.asdict(params)})
+            self.engine.add_request(request_id, prompt, params)
+
+    def abort(self, request_id: str) -> bool:
+        self._leader("abort")
+        with self._lock:
+            self._send({"op": "abort", "id": request_id})
+            return self.engine.abort(request_id)
+
+    def step(self):
+        self._leader("step")
+        with self._lock:
+            self._send({"op": "step"})
+            return self.engine.step()
+
+    def stop(self) -> None:
+        """Release the followers (rank 0, once, when serving ends)."""
+        self._leader("stop")
+        with self._lock:
+            self._send({"op": "stop"})
+
+    def follow(self) -> int:
+        """Apply rank 0's calls until it stops (ranks other than 0); returns the number of calls applied."""
+        from ..core.errors import AnyaccelError
+        from .sampling import SamplingParams
+
+        n = 0
+        while True:
+            cmd = self._recv()
+            op = cmd["op"]
+            if op == "stop":
+                return n
+            n += 1
+            try:
+                if op == "add":
+                    p = dict(cmd["params"])
+                    p["stop_token_ids"], p["stop"] = tuple(p["stop_token_ids"]), tuple(p["stop"])
+                    self.engine.add_request(cmd["id"], cmd["prompt"], SamplingParams(**p))
+                elif op == "abort":
+                    self.engine.abort(cmd["id"])
+                elif op == "step":
+                    self.engine.step()
+            except AnyaccelError:
+                pass  # rank 0 raised the same error to its caller; the engines stay equal
