@@ -146,3 +146,73 @@ def test_generate_tp_without_torchrun_is_a_usage_error(capsys, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert main(["generate", "--model", "llama", "--prompt-ids", "5 6", "--tp", "2", "--backend", "cpu"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+class ThreadComm(Communicator):
+    """Two threads of one process as two ranks: just enough of a communicator for broadcast."""
+
+    def __init__(self, rank: int, shared: dict) -> None:  # noqa: D107
+        self.rank, self.world_size, self.device, self.shared = rank, 2, torch.device("cpu"), shared
+
+    def broadcast(self, x, src):
+        b = self.shared["barrier"]
+        if self.rank == src:
+            self.shared["value"] = x.clone()
+        b.wait()
+        out = self.shared["value"].clone()
+        b.wait()
+        return out
+
+
+def test_mirrored_engine_applies_rank0s_calls_in_order(cpu):
+    """The follower's engine ends in the same state as the leader's: same requests, same tokens, same aborts,
+    and unseeded sampling got a seed on rank 0 (else the two would sample differently)."""
+    import threading
+
+    from anyaccel.models.runner import Engine
+    from anyaccel.models.sampling import SamplingParams
+
+    m = build_from_config_dict(_tiny("llama"), cpu, torch.float32, False, None, "llama")
+    g = torch.Generator().manual_seed(0)
+    m.load_weights([(n, torch.randn(w.shape, generator=g) * 0.1) for n, w in _full_shapes(m)])
+    shared = {"barrier": threading.Barrier(2)}
+    engines = [Engine(m, num_blocks=32), Engine(m, num_blocks=32)]
+    leader = parallel.MirroredEngine(engines[0], ThreadComm(0, shared))
+    follower = parallel.MirroredEngine(engines[1], ThreadComm(1, shared))
+    followed = []
+    step1 = engines[1].step
+    engines[1].step = lambda: [followed.append((o.request_id, tuple(o.new_token_ids))) for o in step1()]
+    applied = []
+    t = threading.Thread(target=lambda: applied.append(follower.follow()))
+    t.start()
+    led, steps = [], 0
+
+    def step():
+        nonlocal steps
+        steps += 1
+        led.extend((o.request_id, tuple(o.new_token_ids)) for o in leader.step())
+
+    leader.add_request("a", [5, 6, 7], SamplingParams(max_new_tokens=6, temperature=0.9))  # unseeded
+    leader.add_request("b", [9, 8], SamplingParams(max_new_tokens=6))
+    step()
+    leader.abort("b")
+    with pytest.raises(InvalidArgumentError):
+        leader.add_request("a", [1], None)  # a duplicate: raised on rank 0, ignored on the follower
+    while leader.has_unfinished_requests():
+        step()
+    leader.stop()
+    t.join(timeout=60)
+    assert applied == [4 + steps]
+    assert led and followed == led and {r for r, _ in led} == {"a", "b"}
+    assert not engines[1].has_unfinished_requests() and engines[1].num_used_blocks == 0
+    with pytest.raises(InvalidArgumentError, match="rank 0"):
+        follower.step()
+
+
+def _full_shapes(m):
+    """(checkpoint name, tensor) of the right shape for every tensor ``m`` loads (values do not matter here)."""
+    out = []
+    for rule in m.weight_rules():
+        src = rule.options[0]
+        out += [(n, torch.empty(s)) for n, s in zip(src.names, src.shapes)]
+    return out
