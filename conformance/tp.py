@@ -67,9 +67,9 @@ def tp_eligible(config: Dict[str, Any], world: int) -> str:
     from ..models.parallel import head_layout
 
     arch = config["architectures"][0]
-    if arch in ("GPT2LMHeadModel", "BertModel", "BertForMaskedLM"):
+    if arch in ("BertModel", "BertForMaskedLM"):
         return f"{arch} has no tensor-parallel plan"
-    hq = int(config.get("num_attention_heads", 0))
+    hq = int(config.get("num_attention_heads", config.get("n_head", 0)))
     hkv = int(config.get("num_key_value_heads") or hq)
     try:
         head_layout(hq, hkv, world, 0, arch)

@@ -33,8 +33,9 @@ Every rank runs the same program (SPMD): the same runner, the same scheduling, t
 are identical on every rank after the gather), so their tokens agree without any broadcast.
 
 Families: every decoder built on :class:`~anyaccel.models.llama.DecoderForCausalLM` (Llama, Mistral, Qwen2/3,
-Gemma 1/2, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE). GPT-2 and BERT are refused with an
-:class:`~anyaccel.core.errors.UnsupportedError` (their layers are not in the plan yet).
+Gemma 1/2, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE), and GPT-2 (the same plan on its own layer names; its
+checkpoint's transposed Conv1D weights are sliced along the other dim). BERT is refused with an
+:class:`~anyaccel.core.errors.UnsupportedError` (an encoder: no generation to shard yet).
 
 Shape legend: T tokens, H hidden, V vocabulary (V_r this rank's), I intermediate (I_r), D head size.
 """
@@ -176,12 +177,18 @@ def _decoder_classes():
     return DecoderForCausalLM, SelfAttention
 
 
+def _is_gpt2(model: Model) -> bool:
+    from .gpt2 import GPT2LMHeadModel
+
+    return isinstance(model, GPT2LMHeadModel)
+
+
 def _check_family(model: Model) -> None:
     decoder, _ = _decoder_classes()
-    if not isinstance(model, decoder):
+    if not isinstance(model, decoder) and not _is_gpt2(model):
         raise UnsupportedError(f"tensor parallelism: {model.config.architecture} has no sharding plan (supported: "
                                f"the decoder families built on DecoderForCausalLM: Llama, Mistral, Qwen2/3, "
-                               f"Gemma 1/2, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE); run it with --tp 1")
+                               f"Gemma 1/2, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE; and GPT-2); run it with --tp 1")
 
 
 def tp_world(model: Model) -> Tuple[int, int]:
@@ -194,6 +201,8 @@ def shard_plan(model: Model, world: int, rank: int) -> Dict[str, Shard]:
     """Every sharded internal tensor of ``model`` (a decoder family) on ``rank`` of ``world``: name -> shard.
     Internal tensors not named here are replicated (read whole on every rank)."""
     _check_family(model)
+    if _is_gpt2(model):
+        return _gpt2_plan(model, world, rank)
     c = model.config
     d, what = c.head_size, c.architecture
     heads = head_layout(c.num_heads, c.num_kv_heads, world, rank, what)
@@ -233,6 +242,76 @@ def shard_plan(model: Model, world: int, rank: int) -> Dict[str, Shard]:
     return plan
 
 
+def _gpt2_plan(model: Model, world: int, rank: int) -> Dict[str, Shard]:
+    """GPT-2: the same plan on its own names (``h.{i}.qkv`` / ``o`` / ``mlp.fc`` / ``mlp.proj``, ``wte``)."""
+    c = model.config
+    full_heads = getattr(model, "tp_full_heads", c.num_heads)  # the config's count before sharding
+    heads = head_layout(full_heads, full_heads, world, rank, c.architecture)
+    d, h, inter = c.head_size, c.hidden_size, c.intermediate_size
+    q0, q1 = heads.q_start * d, (heads.q_start + heads.q_count) * d
+    i0, i1 = shard_range(inter, world, rank)
+    v0, v1 = shard_range(c.vocab_size, world, rank)
+    plan: Dict[str, Shard] = {"wte": (0, [(v0, v1)])}
+    for i in range(c.num_layers):
+        p = f"h.{i}"
+        rows = [(q0, q1), (h + q0, h + q1), (2 * h + q0, 2 * h + q1)]
+        plan[p + ".qkv.weight"] = plan[p + ".qkv.bias"] = (0, rows)
+        plan[p + ".o.weight"] = (1, [(q0, q1)])
+        plan[p + ".mlp.fc.weight"] = plan[p + ".mlp.fc.bias"] = (0, [(i0, i1)])
+        plan[p + ".mlp.proj.weight"] = (1, [(i0, i1)])
+    return plan
+
+
+class _VocabParallelTable:
+    """A vocabulary-parallel embedding table for a model that looks tokens up with ``table.index_select(0, ids)``
+    (GPT-2's ``wte``): this rank's rows, zeros for other tokens, one all_reduce."""
+
+    def __init__(self, rows: torch.Tensor, v0: int, v1: int, comm: Communicator) -> None:
+        self.rows, self.v0, self.v1, self.comm = rows, v0, v1, comm
+
+    def index_select(self, dim: int, ids_T: torch.Tensor) -> torch.Tensor:
+        mine_T = (ids_T >= self.v0) & (ids_T < self.v1)
+        local_T = torch.where(mine_T, ids_T - self.v0, torch.zeros_like(ids_T))
+        h_TH = self.rows.index_select(0, local_T) * mine_T.unsqueeze(-1).to(self.rows.dtype)
+        return self.comm.all_reduce(h_TH)
+
+
+def _apply_gpt2(model: Any, comm: Communicator) -> Model:
+    from .layers import PlainMLP
+
+    c, be, dt, st = model.config, model.backend, model.dtype, model.strict
+    world, rank = comm.world_size, comm.rank
+    plan = _gpt2_plan(model, world, rank)
+    heads = head_layout(c.num_heads, c.num_heads, world, rank, c.architecture)
+    d, h = c.head_size, c.hidden_size
+    specs = [dataclasses.replace(s, num_heads=heads.q_count, num_kv_heads=heads.q_count)
+             for s in model.kv_cache_specs()]
+    model.kv_cache_specs = lambda specs=specs: list(specs)
+    for i, b in enumerate(model.blocks):
+        if not isinstance(b.mlp, PlainMLP):
+            raise UnsupportedError(f"tensor parallelism: block {i} of {c.architecture} has an MLP the plan does "
+                                   f"not know ({type(b.mlp).__name__})")
+        b.qkv = Linear(b.qkv.key, h, 3 * heads.q_count * d, True, be, dt, st)
+        b.o = RowParallelLinear(b.o.key, heads.q_count * d, h, True, be, dt, st, comm)
+        b.attn = AttentionLayer(specs[i], be, st)
+        width = _width(plan[f"h.{i}.mlp.fc.weight"][1])
+        b.mlp.fc = Linear(b.mlp.fc.key, h, width, True, be, dt, st)
+        b.mlp.proj = RowParallelLinear(b.mlp.proj.key, width, h, True, be, dt, st, comm)
+    v0, v1 = plan["wte"][1][0]
+    model.lm_head = VocabParallelHead("lm_head", h, v1 - v0, be, dt, st, comm)
+    bind = model.bind
+
+    def bind_sharded(w: Dict[str, torch.Tensor]) -> None:
+        bind(w)
+        model.wte = _VocabParallelTable(w["wte"], v0, v1, comm)
+
+    model.bind = bind_sharded
+    # GPT-2's forward reshapes by the config's head count: this rank's (the plan remembers the full one)
+    model.tp_full_heads = c.num_heads
+    model.config = dataclasses.replace(c, num_heads=heads.q_count)
+    return model
+
+
 def _width(ranges: Sequence[Tuple[int, int]]) -> int:
     return sum(b - a for a, b in ranges)
 
@@ -252,11 +331,14 @@ def apply_tensor_parallel(model: Model, comm: Communicator) -> Model:
         raise InvalidArgumentError("apply_tensor_parallel", "model", "an unsharded model", "already sharded")
     c, be, dt, st = model.config, model.backend, model.dtype, model.strict
     _, self_attention = _decoder_classes()
-    heads = head_layout(c.num_heads, c.num_kv_heads, world, rank, c.architecture)
+    heads = head_layout(c.num_heads, c.num_kv_heads if not _is_gpt2(model) else c.num_heads, world, rank,
+                        c.architecture)
     model.tp_comm = comm
     model.tp_heads = heads
     if world == 1:
         return model
+    if _is_gpt2(model):
+        return _apply_gpt2(model, comm)
     plan = shard_plan(model, world, rank)
     d = c.head_size
     specs = [dataclasses.replace(s, num_heads=heads.q_count, num_kv_heads=heads.kv_count)
@@ -410,6 +492,13 @@ def _read_source(src: WeightSource, shard: Optional[Shard], reader: Any, target:
                            f"the loader does not know")
 
 
+def _transposes(transform: Callable) -> bool:
+    """Whether a load-time transform is a plain 2-D transpose (GPT-2's Conv1D weights)."""
+    from .gpt2 import _t
+
+    return transform is _t
+
+
 def load_sharded(model: Model, reader: Any, allow_unexpected: bool = False) -> None:
     """Load ``model`` (sharded by :func:`apply_tensor_parallel`, or not) reading only this rank's slices.
 
@@ -434,7 +523,10 @@ def load_sharded(model: Model, reader: Any, allow_unexpected: bool = False) -> N
             used.add(n)
         shard = plan.get(rule.target)
         if shard is not None and rule.transform is not None:
-            raise UnsupportedError(f"tensor parallelism: cannot shard '{rule.target}' (it is transformed at load)")
+            if not _transposes(rule.transform) or len(src.names) != 1 or len(src.shapes[0]) != 2:
+                raise UnsupportedError(f"tensor parallelism: cannot shard '{rule.target}' (it is transformed at "
+                                       f"load)")
+            shard = (1 - shard[0], shard[1])  # the checkpoint holds the transpose: slice the other dim
         t = _read_source(src, shard, reader, rule.target)
         if not (t.dtype.is_floating_point and t.dtype.itemsize >= 2):
             raise WeightLoadError(f"{arch}: tensor '{src.names[0]}' has dtype {str(t.dtype).removeprefix('torch.')}"
