@@ -320,6 +320,17 @@ def provenance(sel: Any, backend: Any) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ conformance
 
 
+def _conformance_dtype(text: str, families: Optional[Sequence[str]]):
+    """``--dtype``: the floating dtypes for every family; a run of the collectives family alone also takes the
+    other dtypes a Communicator carries (float64, int8, uint8, int32, int64)."""
+    from .core.collectives import COLLECTIVE_DTYPES
+
+    extra = {str(d).removeprefix("torch."): d for d in COLLECTIVE_DTYPES}
+    if families == ["collectives"] and text.strip().lower() in extra:
+        return extra[text.strip().lower()]
+    return parse_dtype(text)
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     from .conformance import runner
     from .conformance.report import render_terminal, summary_line, write_json, write_junit, write_markdown
@@ -335,7 +346,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     for f in fams or ():
         if f not in known:
             raise CliError(f"unknown family '{f}'; known families: {', '.join(known)}")
-    dtypes = [parse_dtype(d) for d in dict.fromkeys(args.dtype)] if args.dtype else list(runner.DEFAULT_DTYPES)
+    dtypes = [_conformance_dtype(d, fams) for d in dict.fromkeys(args.dtype)] if args.dtype else \
+        list(runner.DEFAULT_DTYPES)
     if args.examples < 0:
         raise CliError(f"--examples must be >= 0, got {args.examples}")
     models = list(dict.fromkeys(args.model)) if args.model else None

@@ -180,7 +180,10 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
         comm = init_from_env(backend, tp)
         seed = shared_seed(comm, seed)  # every rank samples the same token
     try:
-        return _generate(args, backend, builtins, dtype, seed, comm)
+        rc = _generate(args, backend, builtins, dtype, seed, comm)
+        if comm is not None:
+            comm.barrier()  # every rank done before any tears its group down (a torn group aborts the peer)
+        return rc
     finally:
         if comm is not None:
             comm.destroy()

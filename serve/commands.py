@@ -106,6 +106,7 @@ def _serve_tensor_parallel(llm: LLM, args: argparse.Namespace) -> int:
     try:
         if llm.comm.rank != 0:
             mirror.follow()
+            llm.comm.barrier()
             return 0
         app = build_app(llm, api_key=args.api_key, max_queue=args.max_queue, shutdown_grace_s=args.shutdown_timeout)
         print(f"anyaccel: serving '{llm.name}' (generation, tensor parallel over {llm.comm.world_size} ranks) on "
@@ -114,6 +115,7 @@ def _serve_tensor_parallel(llm: LLM, args: argparse.Namespace) -> int:
             serve_forever(app, args.host, args.port, args.shutdown_timeout)
         finally:
             mirror.stop()
+        llm.comm.barrier()  # the followers are out of their loop before the group goes
         return 0
     finally:
         llm.comm.destroy()

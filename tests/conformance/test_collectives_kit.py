@@ -10,6 +10,7 @@ from anyaccel.cli import main
 from anyaccel.conformance import runner
 from anyaccel.conformance.cases import CaseResult
 from anyaccel.core.backend import Backend, BackendDef
+from anyaccel.core.validation import dtype_name
 
 
 def _fake(monkeypatch, calls):
@@ -19,8 +20,8 @@ def _fake(monkeypatch, calls):
 
     def run_collectives(backend, dtypes, world_size=2, timeout=60.0, **kw):
         calls.append((backend.name, world_size, kw.get("dist_backend")))
-        return [CaseResult(backend.name, "collective", f"all_reduce sum x{world_size}", "float32", "pass",
-                           op="all_reduce")]
+        return [CaseResult(backend.name, "collective", f"all_reduce sum x{world_size}", dtype_name(dt), "pass",
+                           op="all_reduce") for dt in dtypes]
 
     fake.run_collectives = run_collectives
     monkeypatch.setitem(sys.modules, "anyaccel.conformance.collectives", fake)
@@ -53,3 +54,13 @@ def test_cli_passes_the_flags(monkeypatch, capsys):
 def test_world_size_below_two_is_a_usage_error(capsys):
     assert main(["conformance", "--backend", "cpu", "--family", "collectives", "--world-size", "1", "--quiet"]) == 2
     assert "world_size" in capsys.readouterr().err
+
+
+def test_integer_dtypes_are_for_the_collectives_family_only(monkeypatch, capsys):
+    calls = []
+    _fake(monkeypatch, calls)
+    assert main(["conformance", "--backend", "cpu", "--family", "collectives", "--dtype", "int8", "--dtype",
+                 "float64", "--quiet"]) == 0
+    assert calls == [("cpu", 2, None)]
+    assert main(["conformance", "--backend", "cpu", "--family", "gemm", "--dtype", "int8", "--quiet"]) == 2
+    assert "unknown dtype 'int8'" in capsys.readouterr().err

@@ -90,14 +90,19 @@ class HangsInBarrier(Communicator):
 
 def test_cpu_backend_passes_every_case(cpu):
     t0 = time.perf_counter()
-    results = run_collectives(cpu, dtypes=(torch.float32, torch.bfloat16), world_size=2, timeout=120)
+    results = run_collectives(cpu, dtypes=(torch.float32, torch.bfloat16, torch.int8), world_size=2, timeout=120)
     elapsed = time.perf_counter() - t0
+    # integers: every case but avg (floating only: unsupported, with the contract's reason)
+    int_avg = [r for r in results if r.dtype == "int8" and " avg " in r.name]
+    assert len(int_avg) == 2 and all(r.status == "unsupported" and "floating" in r.reason for r in int_avg)
+    results = [r for r in results if r not in int_avg]
     bad = [(r.name, r.dtype, r.status, r.reason) for r in results if r.status != "pass"]
     assert not bad
     assert {r.kind for r in results} == {"collective"} and {r.backend for r in results} == {"cpu"}
     assert {r.op for r in results} == ALL_OPS
     n_cases = len(collective_cases(2))
-    assert len(results) == 2 * n_cases - 3  # the barrier and the two fault cases run once
+    assert len(results) + 2 == 3 * n_cases - 6  # the barrier and the two fault cases run once
+    assert any(r.dtype == "int8" and r.op == "all_to_all" for r in results)
     faults = [r for r in results if "peer" in r.name]
     assert len(faults) == 2 and all("raised CollectiveError" in r.reason for r in faults)
     assert len({(r.name, r.dtype) for r in results}) == len(results)
