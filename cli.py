@@ -320,6 +320,17 @@ def provenance(sel: Any, backend: Any) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ conformance
 
 
+def _conformance_dtype(text: str, families: Optional[Sequence[str]]):
+    """``--dtype``: the floating dtypes for every family; a run of the collectives family alone also takes the
+    other dtypes a Communicator carries (float64, int8, uint8, int32, int64)."""
+    from .core.collectives import COLLECTIVE_DTYPES
+
+    extra = {str(d).removeprefix("torch."): d for d in COLLECTIVE_DTYPES}
+    if families == ["collectives"] and text.strip().lower() in extra:
+        return extra[text.strip().lower()]
+    return parse_dtype(text)
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     from .conformance import runner
     from .conformance.report import render_terminal, summary_line, write_json, write_junit, write_markdown
@@ -335,7 +346,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     for f in fams or ():
         if f not in known:
             raise CliError(f"unknown family '{f}'; known families: {', '.join(known)}")
-    dtypes = [parse_dtype(d) for d in dict.fromkeys(args.dtype)] if args.dtype else list(runner.DEFAULT_DTYPES)
+    dtypes = [_conformance_dtype(d, fams) for d in dict.fromkeys(args.dtype)] if args.dtype else \
+        list(runner.DEFAULT_DTYPES)
     if args.examples < 0:
         raise CliError(f"--examples must be >= 0, got {args.examples}")
     models = list(dict.fromkeys(args.model)) if args.model else None
@@ -363,7 +375,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     try:
         report = runner.run(backends, dtypes=dtypes, families=fams, strict=args.strict, examples=args.examples,
                             seed=args.seed, progress=progress_cb, models=models,
-                            allow_unsupported=args.allow_unsupported, check_coverage=True)
+                            allow_unsupported=args.allow_unsupported, check_coverage=True,
+                            world_size=args.world_size, dist_backend=args.dist_backend)
     finally:
         if bar is not None:
             bar.stop()
@@ -615,6 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 even when cases could not run here ('not run': e.g. transformers, the model "
                         "reference, is missing: pip install 'anyaccel[reference]'); they are still reported")
     c.add_argument("--examples", type=int, default=10, help="hypothesis-drawn cases per family and dtype")
+    c.add_argument("--world-size", dest="world_size", type=int, default=2, metavar="N",
+                   help="processes the collectives family spawns (default 2)")
+    c.add_argument("--dist-backend", dest="dist_backend", metavar="NAME",
+                   help="torch.distributed backend the collectives run over (default: the one the backend "
+                        "declares), e.g. a vendor's registered backend")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", metavar="PATH")
     c.add_argument("--junit", metavar="PATH")

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +38,8 @@ from ..core.validation import dtype_name
 from .cases import CaseResult
 from .tolerances import compare, tolerance
 
-__all__ = ["CollectiveCase", "collective_cases", "run_collectives", "backend_communicator", "COMMUNICATOR_PROPERTY"]
+__all__ = ["CollectiveCase", "collective_cases", "run_collectives", "backend_communicator", "COMMUNICATOR_PROPERTY",
+           "FAULTS", "FAULT_SLACK_SECONDS"]
 
 #: The key of ``Backend.properties`` under which a backend names its own Communicator subclass (see
 #: :func:`backend_communicator`).
@@ -58,6 +60,8 @@ class CollectiveCase:
     :param reference: ``reference(all_inputs) -> [expected output of rank 0, ...]`` in float64.
     :param tolerance_class: the row of the tolerance table: ``"collective_copy"`` or ``"collective_sum"``.
     :param dtype_free: runs once, not per dtype (barrier).
+    :param fault: ``"stall"`` or ``"dead"``: a fault case (see :data:`FAULTS`); ``make``, ``run`` and ``reference``
+        are unused, the worker runs it after every other case.
     """
 
     name: str
@@ -68,6 +72,18 @@ class CollectiveCase:
     reference: Callable[[List[Any]], List[Any]]
     tolerance_class: str = "collective_copy"
     dtype_free: bool = False
+    fault: str = ""
+
+
+#: The fault cases: the last rank stops answering (``stall``: it sleeps past the timeout; ``dead``: its process
+#: exits) while the others call ``all_reduce`` on a fresh group of every rank made with a short timeout
+#: (``fault_timeout`` of :func:`run_collectives`). Each surviving rank must raise
+#: :class:`~anyaccel.core.errors.CollectiveError` (not hang, not return a value) within the timeout plus
+#: :data:`FAULT_SLACK_SECONDS`. They run last: a broken group is not reused.
+FAULTS = {"stall": "stalled peer", "dead": "dead peer"}
+#: What a surviving rank may take beyond the group's timeout before its error counts as late (process scheduling
+#: on a loaded machine, the transport's own polling).
+FAULT_SLACK_SECONDS = 10.0
 
 
 def _gen(name: str, rank: int) -> torch.Generator:
@@ -75,6 +91,9 @@ def _gen(name: str, rank: int) -> torch.Generator:
 
 
 def _randn(name: str, rank: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    if not dtype.is_floating_point:  # small integers: a sum over 8 ranks stays inside int8
+        low = 0 if dtype == torch.uint8 else -8
+        return torch.randint(low, low + 16, tuple(shape), generator=_gen(name, rank)).to(dtype)
     return torch.randn(tuple(shape), generator=_gen(name, rank)).to(dtype)
 
 
@@ -155,7 +174,65 @@ def collective_cases(world_size: int) -> List[CollectiveCase]:
     cases.append(CollectiveCase("barrier", "barrier", "", make=lambda n, dt: [None] * n,
                                 run=lambda c, _: c.barrier(), reference=lambda xs: [None] * len(xs),
                                 dtype_free=True))
+    if ws > 1:
+        for fault, label in FAULTS.items():
+            cases.append(CollectiveCase(f"{label}: all_reduce raises CollectiveError in time", "all_reduce",
+                                        "", make=lambda n, dt: [None] * n, run=lambda c, _: None,
+                                        reference=lambda xs: [None] * len(xs), dtype_free=True, fault=fault))
     return cases
+
+
+def _run_faults(comm: Communicator, communicator: type, faults: List[CollectiveCase], fault_timeout: float,
+                conn) -> None:
+    """Run the fault cases (every rank, together); the last rank is the faulty one and, after ``dead``, exits."""
+    import datetime
+
+    import torch.distributed as dist
+
+    ws, rank = comm.world_size, comm.rank
+    faulty = rank == ws - 1
+    # every group is made up front, by every rank, while all of them still answer
+    groups = [dist.new_group(list(range(ws)), timeout=datetime.timedelta(seconds=fault_timeout)) for _ in faults]
+    for case, group in zip(faults, groups):
+        key = (case.name, "-")
+        if faulty:
+            conn.send(("result", rank, key, _dump({"role": f"faulty ({case.fault})"}), 0.0, "native"))
+            if case.fault == "stall":
+                time.sleep(fault_timeout + 1.0)  # past the survivors' timeout, then back for the next case
+                comm.barrier()
+                continue
+            conn.send(("done", rank, ""))
+            conn.close()
+            os._exit(0)  # dead: no goodbye to the group
+        sub = communicator(group, comm.device, probe=False, timeout_s=fault_timeout)
+        t0 = time.perf_counter()
+        try:
+            sub.all_reduce(torch.ones(4, device=comm.device))
+            outcome = {"role": "survivor", "raised": "", "message": "all_reduce returned a value"}
+        except Exception as e:  # what matters is which exception, and when
+            outcome = {"role": "survivor", "raised": type(e).__name__, "message": str(e)[:500]}
+        seconds = time.perf_counter() - t0
+        outcome["seconds"] = seconds
+        conn.send(("result", rank, key, _dump(outcome), seconds, "native"))
+        if case.fault == "stall":
+            comm.barrier()  # on the default group, which the stall did not break: the faulty rank is back
+
+
+def _judge_fault(case: CollectiveCase, outs: List[Any], fault_timeout: float) -> Tuple[str, Optional[float], str]:
+    """(status, slowest survivor's seconds, reason) of a fault case from every rank's outcome."""
+    bound = fault_timeout + FAULT_SLACK_SECONDS
+    problems, slowest = [], 0.0
+    for rank, o in enumerate(outs):
+        if not isinstance(o, dict) or o.get("role") != "survivor":
+            continue
+        slowest = max(slowest, float(o.get("seconds", 0.0)))
+        if o.get("raised") != "CollectiveError":
+            what = f"raised {o['raised']}" if o.get("raised") else "did not raise"
+            problems.append(f"rank {rank} {what} ({o.get('message', '')[:200]}); expected CollectiveError")
+        elif float(o["seconds"]) > bound:
+            problems.append(f"rank {rank} raised after {o['seconds']:.1f}s, beyond the {fault_timeout:g}s timeout "
+                            f"+ {FAULT_SLACK_SECONDS:g}s")
+    return ("fail" if problems else "pass"), slowest, "; ".join(problems)
 
 
 def _ring(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +298,8 @@ def _resolve(ref: Tuple[str, str, str]) -> type:
 
 
 def _worker(rank: int, world_size: int, init_method: str, backend: Backend, communicator_ref: Tuple[str, str, str],
-            dtypes: Tuple[torch.dtype, ...], op_timeout: float, conn) -> None:
+            dtypes: Tuple[torch.dtype, ...], op_timeout: float, conn, fault_timeout: float = 1.0,
+            faults: bool = True) -> None:
     torch.set_num_threads(1)
     try:
         communicator = _resolve(communicator_ref)
@@ -232,9 +310,13 @@ def _worker(rank: int, world_size: int, init_method: str, backend: Backend, comm
     try:
         for dt in dtypes:
             for case in collective_cases(world_size):
-                if case.dtype_free and dt != dtypes[0]:
+                if (case.dtype_free and dt != dtypes[0]) or case.fault:
                     continue
                 key = (case.name, "-" if case.dtype_free else dtype_name(dt))
+                if case.route.endswith(".avg") and not dt.is_floating_point:
+                    conn.send(("unsupported", rank, key, "avg is defined for floating dtypes only (the "
+                               "Communicator contract)", "native"))
+                    continue
                 route = comm.route(case.route, dt) if case.route else "native"
                 mine = _to(case.make(world_size, dt)[rank], comm.device)
                 t0 = time.perf_counter()
@@ -248,6 +330,9 @@ def _worker(rank: int, world_size: int, init_method: str, backend: Backend, comm
                     conn.send(("abort", rank, f"stopped after an error in '{key[0]}' ({key[1]})"))
                     return
                 conn.send(("result", rank, key, _dump(out), time.perf_counter() - t0, route))
+        fault_cases = [c for c in collective_cases(world_size) if c.fault] if faults else []
+        if fault_cases:
+            _run_faults(comm, communicator, fault_cases, fault_timeout, conn)
     finally:
         try:
             comm.destroy()
@@ -327,12 +412,17 @@ def backend_communicator(backend: Backend) -> type:
 
 def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
                     world_size: int = 2, timeout: float = 120.0, *, op_timeout: float = 20.0,
-                    communicator: Optional[type] = None) -> List[CaseResult]:
+                    communicator: Optional[type] = None, fault_timeout: float = 1.0, faults: bool = True,
+                    dist_backend: Optional[str] = None) -> List[CaseResult]:
     """Run every collective case on ``backend`` with ``world_size`` processes; one record per (case, dtype).
 
     :param timeout: deadline in seconds for the whole run; workers still running then are killed and their
         missing cases reported as ``error``.
     :param op_timeout: seconds a single collective may wait for its peers before the transport gives up.
+    :param fault_timeout: the timeout of the groups the fault cases (:data:`FAULTS`) break.
+    :param faults: run the fault cases (default); ``False`` leaves them out of the run and of the records.
+    :param dist_backend: run over this torch.distributed backend instead of the one ``backend`` declares (a
+        vendor's registered backend under test).
     :param communicator: the Communicator class the workers build (``communicator.init(...)``); a fresh
         process finds it by module name, or else by its module's file. ``None`` (default): the backend's own,
         see :func:`backend_communicator`.
@@ -348,10 +438,16 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
     if not dtypes or any(d not in COLLECTIVE_DTYPES for d in dtypes):
         raise InvalidArgumentError("run_collectives", "dtypes", "a non-empty sequence of collective dtypes",
                                    repr(dtypes))
-    for name, v in (("timeout", timeout), ("op_timeout", op_timeout)):
+    if dist_backend is not None:
+        if not isinstance(dist_backend, str) or not dist_backend:
+            raise InvalidArgumentError("run_collectives", "dist_backend", "a torch.distributed backend name",
+                                       repr(dist_backend))
+        backend = dataclasses.replace(backend, definition=dataclasses.replace(backend.definition,
+                                                                              distributed_backend=dist_backend))
+    for name, v in (("timeout", timeout), ("op_timeout", op_timeout), ("fault_timeout", fault_timeout)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
             raise InvalidArgumentError("run_collectives", name, "positive seconds", repr(v))
-    cases = collective_cases(world_size)
+    cases = [c for c in collective_cases(world_size) if faults or not c.fault]
     keys = [(c, None if c.dtype_free else dt) for dt in dtypes for c in cases if not (c.dtype_free and dt != dtypes[0])]
 
     def record(case, dt, status, reason="", **kw) -> CaseResult:
@@ -382,7 +478,8 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
     portable = _portable(backend)
     ref = _class_ref(communicator)
     procs = [ctx.Process(target=_worker, name=f"anyaccel-collectives-{r}", daemon=True,
-                         args=(r, world_size, init_method, portable, ref, dtypes, op_timeout, pipes[r][1]))
+                         args=(r, world_size, init_method, portable, ref, dtypes, op_timeout, pipes[r][1],
+                               fault_timeout, faults))
              for r in range(world_size)]
     got: Dict[Tuple[str, str], Dict[int, tuple]] = {}
     aborted: Dict[int, str] = {}
@@ -456,6 +553,13 @@ def run_collectives(backend: Backend, dtypes: Sequence[torch.dtype] = (torch.flo
             results.append(record(case, dt, "unsupported", why, **extra))
             continue
         outs = [torch.load(io.BytesIO(m[3]), weights_only=True) for m in msgs]
+        if case.fault:
+            status, slowest, why = _judge_fault(case, outs, fault_timeout)
+            if status == "pass":
+                why = (f"every surviving rank raised CollectiveError; the slowest after {slowest:.2f}s (timeout "
+                       f"{fault_timeout:g}s + {FAULT_SLACK_SECONDS:g}s allowed)")
+            results.append(record(case, dt, status, why, seconds=slowest, **extra))
+            continue
         try:
             status, err, tol, why = _judge(case, dt, world_size, outs)
         except Exception as e:  # a malformed output the comparison could not even read

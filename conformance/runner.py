@@ -355,6 +355,9 @@ class PlannedCase:
     error: str = ""
     dtypes: Tuple[torch.dtype, ...] = ()
     timeout: float = 120.0
+    #: processes and torch.distributed backend of the collectives (``None``: the backend's declared one)
+    world_size: int = _WORLD_SIZE
+    dist_backend: Optional[str] = None
     models: Optional[Tuple[str, ...]] = None
     model: str = ""
     key: Optional[Tuple[str, str]] = None
@@ -386,7 +389,7 @@ class PlannedCase:
         if self.family == COLLECTIVES:
             if self.key is not None:
                 return _run_collective_unit(self)
-            return _run_collectives(self.backend, self.dtypes, self.timeout)
+            return _run_collectives(self.backend, self.dtypes, self.timeout, self.world_size, self.dist_backend)
         if self.family == COVERAGE:
             return _run_coverage_unit(self)
         raise ValueError(f"planned unit {self.id!r} has nothing to run")
@@ -449,7 +452,8 @@ def _plan_family(backend: Backend, family: str, dtype: torch.dtype, examples: in
 def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DTYPES,
          families: Optional[Sequence[str]] = None, *, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
          strict: bool = False, timeout: float = 120.0, models: Optional[Sequence[str]] = None,
-         check_coverage: bool = False) -> List[PlannedCase]:
+         check_coverage: bool = False, world_size: int = _WORLD_SIZE,
+         dist_backend: Optional[str] = None) -> List[PlannedCase]:
     """Every unit of work of a run, in order: per backend, each family's units (op cases per dtype; collective
     cases; (model, dtype) pairs), then, with ``check_coverage``, the backend's coverage unit when an op family
     ran."""
@@ -460,7 +464,7 @@ def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DT
         mine: List[PlannedCase] = []
         for fam in fams:
             if fam == COLLECTIVES:
-                mine.extend(_plan_collectives(b, tuple(dtypes), strict, timeout, shared))
+                mine.extend(_plan_collectives(b, tuple(dtypes), strict, timeout, shared, world_size, dist_backend))
             elif fam == MODELS:
                 mine.extend(_plan_models(b, tuple(dtypes), strict, models, shared))
             else:
@@ -479,14 +483,15 @@ def plan(backends: Sequence[Backend], dtypes: Sequence[torch.dtype] = DEFAULT_DT
 
 
 def _plan_collectives(b: Backend, dtypes: Tuple[torch.dtype, ...], strict: bool, timeout: float,
-                      shared: _Shared) -> List[PlannedCase]:
+                      shared: _Shared, world_size: int = _WORLD_SIZE,
+                      dist_backend: Optional[str] = None) -> List[PlannedCase]:
     """One unit per (collective case, dtype), in the order :func:`run_collectives` reports them."""
     try:
         mod = importlib.import_module(f"{__package__}.collectives")
-        cases = list(mod.collective_cases(_WORLD_SIZE))
+        cases = list(mod.collective_cases(world_size))
     except Exception as e:  # the whole family as one unit: its record says why
         return [PlannedCase(b, COLLECTIVES, None, COLLECTIVES, dtypes=dtypes, strict=strict, timeout=timeout,
-                            error=f"import of anyaccel.conformance.collectives failed: {_one_line(e)}")]
+                            world_size=world_size, dist_backend=dist_backend, error=f"import of anyaccel.conformance.collectives failed: {_one_line(e)}")]
     units = []
     for dt in dtypes:
         for c in cases:
@@ -494,6 +499,7 @@ def _plan_collectives(b: Backend, dtypes: Tuple[torch.dtype, ...], strict: bool,
                 continue
             key = (c.name, "-" if getattr(c, "dtype_free", False) else dtype_name(dt))
             units.append(PlannedCase(b, COLLECTIVES, None, c.name, dtypes=dtypes, strict=strict, timeout=timeout,
+                                     world_size=world_size, dist_backend=dist_backend,
                                      key=key, shared=shared))
     shared.collective_keys[b.name] = [u.key for u in units if u.key is not None]
     return units
@@ -627,8 +633,9 @@ def _execute(case: OpCase, op: Any, backend: Backend, seed: int, res: CaseResult
     res.reason = "; ".join(x for x in (note, cmp.reason) if x)
 
 
-def _run_collectives(backend: Backend, dtypes: Sequence[torch.dtype], timeout: float) -> List[CaseResult]:
-    if not backend.definition.distributed_backend:
+def _run_collectives(backend: Backend, dtypes: Sequence[torch.dtype], timeout: float,
+                     world_size: int = _WORLD_SIZE, dist_backend: Optional[str] = None) -> List[CaseResult]:
+    if not backend.definition.distributed_backend and not dist_backend:
         return [CaseResult(backend.name, "collective", "collectives", "all", "unsupported",
                            reason="the backend declares no distributed_backend", op="collectives")]
     try:
@@ -640,7 +647,8 @@ def _run_collectives(backend: Backend, dtypes: Sequence[torch.dtype], timeout: f
                            op="collectives")]
     t0 = time.perf_counter()
     try:
-        results = list(run_collectives(backend, tuple(dtypes), world_size=2, timeout=timeout))
+        extra = {"dist_backend": dist_backend} if dist_backend else {}
+        results = list(run_collectives(backend, tuple(dtypes), world_size=world_size, timeout=timeout, **extra))
     except Exception as e:
         return [CaseResult(backend.name, "collective", "collectives", "all", "error",
                            reason=f"run_collectives raised {_one_line(e)}{_where(e)}", op="collectives",
@@ -699,7 +707,7 @@ def _run_collective_unit(u: PlannedCase) -> List[CaseResult]:
     assert sh is not None and u.key is not None
     extra: List[CaseResult] = []
     if name not in sh.collectives:
-        recs = _run_collectives(u.backend, u.dtypes, u.timeout)
+        recs = _run_collectives(u.backend, u.dtypes, u.timeout, u.world_size, u.dist_backend)
         table: Dict[Tuple[str, str], CaseResult] = {}
         rest: List[CaseResult] = []
         for r in recs:
@@ -889,7 +897,7 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
         families: Optional[Sequence[str]] = None, strict: bool = False, examples: int = DEFAULT_EXAMPLES,
         seed: int = 0, progress: Optional[Progress] = None, timeout: float = 120.0,
         models: Optional[Sequence[str]] = None, allow_unsupported: bool = False,
-        check_coverage: bool = False) -> Report:
+        check_coverage: bool = False, world_size: int = _WORLD_SIZE, dist_backend: Optional[str] = None) -> Report:
     """Run the suite and return the :class:`Report`.
 
     :param backends: :class:`Backend` objects or names (looked up in the plugin registry); each must be available.
@@ -903,6 +911,9 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
     :param models: model names for the ``models`` family (see :func:`model_names`); ``None`` means all.
     :param allow_unsupported: a case that could not run here (``not run``: a reference dependency or a checkpoint
         missing) does not make the exit code non-zero.
+    :param world_size: processes the collectives run on (default 2).
+    :param dist_backend: the torch.distributed backend the collectives run over, instead of the one each backend
+        declares (a vendor testing its registered backend).
     :param check_coverage: a declared feature no case took to the backend's own kernel is an ``error`` record of
         kind ``"coverage"`` (``anyaccel conformance`` and the pytest plugin turn this on). The coverage table is in
         the report either way.
@@ -910,10 +921,12 @@ def run(backends: Iterable[Union[Backend, str]], dtypes: Sequence[torch.dtype] =
     bs = _resolve(backends)
     dts = tuple(dtypes)
     t0 = time.perf_counter()
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 2:
+        raise InvalidArgumentError("conformance", "world_size", "an int >= 2", repr(world_size))
     work = plan(bs, dts, families, examples=examples, seed=seed, strict=strict, timeout=timeout, models=models,
-                check_coverage=check_coverage)
+                check_coverage=check_coverage, world_size=world_size, dist_backend=dist_backend)
     env = environment(bs)
-    env.update({"seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
+    env.update({"world_size": world_size, "dist_backend": dist_backend, "seed": seed, "examples": examples, "strict": strict, "dtypes": [dtype_name(d) for d in dts],
                 "families": list(families) if families else families_default(),
                 "allow_unsupported": allow_unsupported, "check_coverage": check_coverage, "not_loaded": not_loaded(),
                 "tolerances": describe_table()})

@@ -88,6 +88,7 @@ def stack_experts(names_per_expert: Sequence[Sequence[str]], shapes: Sequence[Se
     def combine(ts: List[torch.Tensor]) -> torch.Tensor:
         return torch.stack([torch.cat(ts[e * per:(e + 1) * per], dim=0) for e in range(len(names_per_expert))])
 
+    combine.per_expert = per  # read by the tensor-parallel loader (models/parallel.py) to slice each expert
     return WeightSource(flat, flat_shapes, combine)
 
 

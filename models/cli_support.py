@@ -49,6 +49,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
                         '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
+                   help="tensor parallel size: shard the model over N processes started by torchrun "
+                        "(torchrun --nproc-per-node N -m anyaccel generate ... --tp N); only rank 0 prints")
 
 
 def _count(text: str) -> int:
@@ -74,12 +77,16 @@ def parse_prompt_ids(text: str) -> List[int]:
 
 
 def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool = False,
-                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None
+                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None, comm: Any = None
                           ) -> Tuple[Any, Optional[Callable[[], Any]]]:
     """``(model, tokenizer_factory or None)`` for ``--model name``.
 
-    The tokenizer is built lazily (``tokenizer_factory()``): only ``--prompt`` and decoding need it.
+    The tokenizer is built lazily (``tokenizer_factory()``): only ``--prompt`` and decoding need it. With
+    ``comm`` (a Communicator of a tensor-parallel group) the model is sharded over its ranks
+    (:mod:`anyaccel.models.parallel`), each rank reading only its slices.
     """
+    if comm is not None and comm.world_size > 1:
+        return _tensor_parallel_model(name, backend, dtype, strict, builtins or {}, comm)
     from . import real
     from .base import build_model
     from .gguf import build_gguf_model
@@ -105,10 +112,34 @@ def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool =
                         f"({', '.join(options)})")
 
 
-def _hf_dir(path: str, backend: Any, dtype: Any, strict: bool):
+def _tensor_parallel_model(name: str, backend: Any, dtype: Any, strict: bool,
+                           builtins: Mapping[str, Callable[[], Any]], comm: Any):
+    from . import real
+    from .parallel import build_tensor_parallel_model
+
+    path = name
+    if name in real.REAL_CHECKPOINTS:
+        ck = real.locate(name)
+        if isinstance(ck, real.Missing):
+            raise GenerateError(f"model '{name}' is unavailable: {ck.reason}")
+        path = ck.path
+    if os.path.isdir(path):
+        model, tok = _hf_dir(path, backend, dtype, strict, lambda p: build_tensor_parallel_model(
+            p, backend, dtype, comm, strict=strict))
+        return model, tok
+    if name in builtins:
+        return build_tensor_parallel_model(builtins[name](), backend, dtype, comm, strict=strict), None
+    if os.path.isfile(path):
+        raise GenerateError(f"--tp {comm.world_size}: {path} is not an HF-format directory; tensor parallelism "
+                            f"loads safetensors directories (a .gguf file runs with --tp 1)")
+    options = sorted(set(real.REAL_CHECKPOINTS) | set(builtins))
+    raise GenerateError(f"--model {name!r} is neither a directory nor a known model ({', '.join(options)})")
+
+
+def _hf_dir(path: str, backend: Any, dtype: Any, strict: bool, build: Optional[Callable[[str], Any]] = None):
     from .base import build_model
 
-    model = build_model(path, backend, dtype, strict=strict)
+    model = build(path) if build is not None else build_model(path, backend, dtype, strict=strict)
     has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                     "vocab.txt", "tokenizer.model"))
 
@@ -136,8 +167,6 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     """Run ``anyaccel generate`` on ``backend`` (the CLI resolves ``--backend``; models never look one up)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .base import parse_dtype
-    from .runner import Engine
-    from .sampling import SamplingParams
 
     if backend is None:
         raise GenerateError("generate_main needs the resolved backend (the CLI passes it)")
@@ -145,10 +174,32 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
         dtype = parse_dtype(args.dtype)
     except ValueError as e:
         raise GenerateError(str(e)) from None
+    comm, seed = None, args.seed
+    tp = getattr(args, "tp", 1)
+    if tp != 1:
+        from .parallel import init_from_env, shared_seed
+
+        comm = init_from_env(backend, tp)
+        seed = shared_seed(comm, seed)  # every rank samples the same token
+    try:
+        rc = _generate(args, backend, builtins, dtype, seed, comm)
+        if comm is not None:
+            comm.barrier()  # every rank done before any tears its group down (a torn group aborts the peer)
+        return rc
+    finally:
+        if comm is not None:
+            comm.destroy()
+
+
+def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any, seed: Optional[int], comm: Any
+              ) -> int:
+    from .runner import Engine
+    from .sampling import SamplingParams
+
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
+                            top_p=args.top_p, seed=seed)
     model, tok_factory = load_generation_model(args.model, backend, dtype, strict=getattr(args, "strict", False),
-                                               builtins=builtins)
+                                               builtins=builtins, comm=comm)
     if not model.is_causal:
         raise GenerateError(f"--model {args.model!r} is an encoder ({model.config.architecture}); it has no "
                             f"next-token head to generate with")
@@ -178,6 +229,8 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     if tokenizer is None and args.json and tok_factory is not None:
         tokenizer = tok_factory()
     text = tokenizer.decode(out, skip_special_tokens=True).strip() if tokenizer is not None else None
+    if comm is not None and comm.rank != 0:
+        return 0  # every rank computed the same tokens; rank 0 prints them
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
                           "prompt_ids": prompt_ids, "output_ids": out, "text": text, "finish_reason": finish_reason,

@@ -32,6 +32,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
+                   help="shard the model over N processes started by torchrun (torchrun --nproc-per-node N -m "
+                        "anyaccel serve MODEL --tp N); rank 0 serves HTTP, the other ranks follow its steps")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -68,13 +71,21 @@ def load_llm(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[
             raise InvalidArgumentError("anyaccel", "--" + key.replace("_", "-"), "an integer >= 1", getattr(args, key))
     return LLM(model or args.model, backend=args.backend, dtype=args.dtype, builtins=builtins,
                kv_cache_bytes=args.kv_cache_mib * 1024 * 1024, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, name=name)
+               max_num_batched_tokens=args.max_num_batched_tokens, name=name,
+               tensor_parallel_size=getattr(args, "tp", 1) if model is None else 1)
 
 
 def serve_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> int:
     from .app import build_app, serve_forever
 
+    if getattr(args, "tp", 1) != 1 and args.embed_model:
+        from ..core.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("anyaccel serve", "--embed-model", "no embedding model with --tp (encoders have "
+                                   "no tensor-parallel plan)", args.embed_model)
     llm = load_llm(args, builtins, name=args.served_name)
+    if llm.comm is not None:
+        return _serve_tensor_parallel(llm, args)
     embed = load_llm(args, builtins, model=args.embed_model) if args.embed_model else None
     app = build_app(llm, embed_llm=embed, api_key=args.api_key, max_queue=args.max_queue,
                     shutdown_grace_s=args.shutdown_timeout)
@@ -83,6 +94,31 @@ def serve_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Callabl
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     serve_forever(app, args.host, args.port, args.shutdown_timeout)
     return 0
+
+
+def _serve_tensor_parallel(llm: LLM, args: argparse.Namespace) -> int:
+    """Rank 0 serves HTTP through a :class:`~anyaccel.models.parallel.MirroredEngine`; the others follow it."""
+    from ..models.parallel import MirroredEngine
+    from .app import build_app, serve_forever
+
+    mirror = MirroredEngine(llm.engine, llm.comm)
+    llm.engine = mirror
+    try:
+        if llm.comm.rank != 0:
+            mirror.follow()
+            llm.comm.barrier()
+            return 0
+        app = build_app(llm, api_key=args.api_key, max_queue=args.max_queue, shutdown_grace_s=args.shutdown_timeout)
+        print(f"anyaccel: serving '{llm.name}' (generation, tensor parallel over {llm.comm.world_size} ranks) on "
+              f"backend '{llm.backend.name}' at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        try:
+            serve_forever(app, args.host, args.port, args.shutdown_timeout)
+        finally:
+            mirror.stop()
+        llm.comm.barrier()  # the followers are out of their loop before the group goes
+        return 0
+    finally:
+        llm.comm.destroy()
 
 
 def chat_loop(llm: LLM, params: SamplingParams, system: Optional[str] = None,

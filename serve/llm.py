@@ -185,13 +185,16 @@ class LLM:
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
     :param deterministic: build with batch-invariant kernels only, so a request's logits do not depend on the
         requests batched with it (``None``: ``ANYACCEL_DETERMINISTIC``; ignored for an already built model).
+    :param tensor_parallel_size: shard the model over this many processes started by ``torchrun`` (each process
+        constructs the ``LLM`` with the same arguments and makes the same calls; see
+        :mod:`anyaccel.models.parallel`). Default 1.
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
                  name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
-                 deterministic: Optional[bool] = None) -> None:
+                 deterministic: Optional[bool] = None, tensor_parallel_size: int = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..core.dispatch import deterministic_mode
         from ..models.base import build_model, parse_dtype
@@ -203,6 +206,14 @@ class LLM:
         except ValueError as e:
             raise InvalidArgumentError(_OP, "dtype", "float32, float16 or bfloat16", repr(dtype)) from e
         tok_factory = None
+        self.comm = None
+        if tensor_parallel_size != 1:
+            if _is_model(model):
+                raise InvalidArgumentError(_OP, "model", "a checkpoint name, a directory or a transformers model "
+                                           "(each rank loads only its slices)", "an already built anyaccel model")
+            from ..models.parallel import init_from_env
+
+            self.comm = init_from_env(choose_backend(backend), tensor_parallel_size)
         if _is_model(model):
             self.model = model
             self.backend = model.backend
@@ -215,7 +226,13 @@ class LLM:
             if isinstance(model, (str, os.PathLike)):
                 with deterministic_mode(deterministic):
                     self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt,
-                                                                    strict=strict, builtins=builtins)
+                                                                    strict=strict, builtins=builtins, comm=self.comm)
+            elif self.comm is not None:
+                from ..models.parallel import build_tensor_parallel_model
+
+                with deterministic_mode(deterministic):
+                    self.model = build_tensor_parallel_model(model, self.backend, dt, self.comm, strict=strict,
+                                                             block_size=block_size)
             else:
                 try:
                     self.model = build_model(model, self.backend, dt, strict=strict, block_size=block_size,
@@ -317,11 +334,23 @@ class LLM:
         if params is None:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
-            return [params] * n
+            return self._tp_seeds([params] * n)
         plist = list(params) if isinstance(params, Sequence) else []
         if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
             raise InvalidArgumentError(_OP, "params", f"one SamplingParams or a list of {n}", repr(params)[:80])
-        return plist
+        return self._tp_seeds(plist)
+
+    def _tp_seeds(self, plist: List[SamplingParams]) -> List[SamplingParams]:
+        """Under tensor parallelism every rank must sample the same token: unseeded sampling gets rank 0's seed."""
+        if self.comm is None:
+            return plist
+        import dataclasses
+
+        from ..models.parallel import shared_seed
+
+        return [p if p.seed is not None or not p.temperature else dataclasses.replace(p, seed=shared_seed(self.comm,
+                                                                                                          None))
+                for p in plist]
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], params: Any = None) -> List[RequestOutput]:
         """Continue each prompt (text, or a list of token ids); one :class:`RequestOutput` per prompt, in order.

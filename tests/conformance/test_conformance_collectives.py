@@ -31,13 +31,21 @@ def _by_name(results, dtype="float32"):
 
 
 class PlantedBugs(Communicator):
-    """all_gather zeroes the last rank's last row; reduce_scatter hands every rank its neighbour's chunk."""
+    """all_gather zeroes the last rank's last row; reduce_scatter hands every rank its neighbour's chunk; all_reduce
+    swallows a transport failure."""
 
     def all_gather(self, x, dim=0):
         out = super().all_gather(x, dim)
         if dim == 0 and out.shape[0]:
             out[-1] = 0
         return out
+
+    def all_reduce(self, x, op="sum"):
+        """Swallows a transport failure and returns the input: a stalled or dead peer goes unnoticed."""
+        try:
+            return super().all_reduce(x, op)
+        except Exception:
+            return x.clone()
 
     def reduce_scatter(self, x, dim=0, op="sum"):
         full = self.all_reduce(x, op=op)
@@ -82,14 +90,21 @@ class HangsInBarrier(Communicator):
 
 def test_cpu_backend_passes_every_case(cpu):
     t0 = time.perf_counter()
-    results = run_collectives(cpu, dtypes=(torch.float32, torch.bfloat16), world_size=2, timeout=120)
+    results = run_collectives(cpu, dtypes=(torch.float32, torch.bfloat16, torch.int8), world_size=2, timeout=120)
     elapsed = time.perf_counter() - t0
+    # integers: every case but avg (floating only: unsupported, with the contract's reason)
+    int_avg = [r for r in results if r.dtype == "int8" and " avg " in r.name]
+    assert len(int_avg) == 2 and all(r.status == "unsupported" and "floating" in r.reason for r in int_avg)
+    results = [r for r in results if r not in int_avg]
     bad = [(r.name, r.dtype, r.status, r.reason) for r in results if r.status != "pass"]
     assert not bad
     assert {r.kind for r in results} == {"collective"} and {r.backend for r in results} == {"cpu"}
     assert {r.op for r in results} == ALL_OPS
     n_cases = len(collective_cases(2))
-    assert len(results) == 2 * n_cases - 1  # the barrier runs once
+    assert len(results) + 2 == 3 * n_cases - 6  # the barrier and the two fault cases run once
+    assert any(r.dtype == "int8" and r.op == "all_to_all" for r in results)
+    faults = [r for r in results if "peer" in r.name]
+    assert len(faults) == 2 and all("raised CollectiveError" in r.reason for r in faults)
     assert len({(r.name, r.dtype) for r in results}) == len(results)
     assert any("|" in r.name and r.op == "all_gather" for r in results)  # uneven per-rank sizes
     bf16 = _by_name(results, "bfloat16")
@@ -107,14 +122,20 @@ def test_planted_bugs_are_caught(cpu):
     assert {n for n in results if n.startswith("reduce_scatter")} <= failed
     # the rest of the suite is unaffected: the failures point at the planted collectives only
     assert results["all_gather dim=1 [3, 2|5]"].status == "pass"
-    assert all(r.status == "pass" for n, r in results.items() if r.op not in ("all_gather", "reduce_scatter"))
+    assert all(r.status == "pass" for n, r in results.items()
+               if r.op not in ("all_gather", "reduce_scatter") and "peer" not in n)
+    # the swallowed transport failure: the stalled and the dead peer both go unreported
+    for n in ("stalled peer", "dead peer"):
+        rec = next(r for name, r in results.items() if name.startswith(n))
+        assert rec.status == "fail" and "did not raise" in rec.reason and "expected CollectiveError" in rec.reason
     ag = results["all_gather dim=0 [5|3, 4]"]
     assert ag.max_abs_err > 0 and "rank 1" in ag.reason
     assert "shape" in results["reduce_scatter sum dim=0 [5, 3]"].reason
 
 
 def test_missing_dtype_passes_through_recorded_fallbacks(cpu):
-    results = _by_name(run_collectives(cpu, dtypes=(torch.bfloat16,), communicator=NoHalfTransport, timeout=120),
+    results = _by_name(run_collectives(cpu, dtypes=(torch.bfloat16,), communicator=NoHalfTransport, timeout=120,
+                                       faults=False),
                        "bfloat16")
     assert all(r.status == "pass" for r in results.values()), [(n, r.reason) for n, r in results.items()]
     rs = results["reduce_scatter sum dim=0 [5, 3]"]
@@ -127,7 +148,7 @@ def test_missing_dtype_passes_through_recorded_fallbacks(cpu):
 def test_crashed_worker_is_an_error_not_a_hang(cpu):
     t0 = time.perf_counter()
     results = _by_name(run_collectives(cpu, dtypes=(torch.float32,), communicator=CrashesInAllToAll, timeout=120,
-                                       op_timeout=5))
+                                       op_timeout=5, faults=False))
     assert time.perf_counter() - t0 < 60
     a2a = results["all_to_all rows (r+2p+1)%4 [*, 3]"]
     assert a2a.status == "error" and "exited with code 3" in a2a.reason
@@ -141,7 +162,7 @@ def test_crashed_worker_is_an_error_not_a_hang(cpu):
 def test_hung_worker_is_reported_within_the_timeouts(cpu):
     t0 = time.perf_counter()
     results = _by_name(run_collectives(cpu, dtypes=(torch.float32,), communicator=HangsInBarrier, timeout=60,
-                                       op_timeout=2))
+                                       op_timeout=2, faults=False))
     assert time.perf_counter() - t0 < 45  # far less than the 120 s the worker sleeps
     assert results["barrier"].status == "error" and "rank 1" in results["barrier"].reason
     assert results["all_reduce sum [7, 3]"].status == "pass"
