@@ -258,6 +258,49 @@ def _records(dtype: str, batch: int, prompt_len: int, new_tokens: int, note: str
     return out
 
 
+def _start_sides(table: Dict[str, "_peers.Side"], pythons: Dict[str, str], names: Sequence[str], threads: int,
+                 timeout_s: float, say: Callable[[str], None], load: Dict[str, Any]
+                 ) -> Tuple[Dict[str, "_peers.Worker"], Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """Start and load every side at once (vLLM's start is long, mostly waiting): (workers, load replies, why not)."""
+    pending: Dict[str, _peers.Worker] = {}
+    workers: Dict[str, _peers.Worker] = {}
+    loaded: Dict[str, Dict[str, Any]] = {}
+    why: Dict[str, str] = {}
+
+    def drop(s: str, e: BaseException) -> None:
+        why[s] = f"did not load: {e}"
+        w = pending.pop(s)
+        w.failed = True
+        w.close(kill=True)
+
+    try:
+        for s in names:
+            w = _peers.Worker(table[s], pythons[s], threads)
+            try:
+                w.spawn()
+                pending[s] = w
+            except OSError as e:
+                why[s] = f"did not start: {e}"
+        for s in list(pending):
+            try:
+                pending[s].receive(timeout_s)  # its ready line
+                pending[s].send(load)
+            except (_peers.WorkerError, OSError, ValueError) as e:
+                drop(s, e)
+        for s in list(pending):
+            try:
+                loaded[s] = pending[s].receive(timeout_s)
+                workers[s] = pending[s]
+                say(f"{load.get('dtype')}: {table[s].label} loaded")
+            except (_peers.WorkerError, OSError, ValueError) as e:
+                drop(s, e)
+    except BaseException:
+        for w in pending.values():
+            w.close(kill=True)
+        raise
+    return workers, loaded, why
+
+
 def run(backend: Any, *, quick: bool = False, full: bool = False, dtypes: Optional[Sequence[Any]] = None,
         batches: Optional[Sequence[int]] = None, prompt_len: Optional[int] = None,
         new_tokens: Optional[int] = None, threads: Optional[int] = None, repeats: int = 1,
@@ -317,23 +360,11 @@ def run(backend: Any, *, quick: bool = False, full: bool = False, dtypes: Option
         del weights
         max_len = prompt_len + new_tokens + 8
         for dt in dts:
-            workers: Dict[str, _peers.Worker] = {}
-            why: Dict[str, str] = {}
-            loaded: Dict[str, Dict[str, Any]] = {}
-            for s in run_sides:
-                side = table[s]
-                say(f"{dt}: starting {side.label}")
-                w = _peers.Worker(side, ok[s], threads)
-                try:
-                    w.start(timeout_s)
-                    loaded[s] = w.call({"op": "load", "model_dir": hf_dir, "gguf": ck_gguf, "dtype": dt,
-                                        "threads": threads, "backend": getattr(backend, "name", None),
-                                        "max_model_len": max_len, "max_num_seqs": max(batches)}, timeout_s)
-                    workers[s] = w
-                except (_peers.WorkerError, OSError, ValueError) as e:
-                    why[s] = f"did not load: {e}"
-                    w.failed = True
-                    w.close(kill=True)
+            say(f"{dt}: starting " + ", ".join(table[s].label for s in run_sides))
+            workers, loaded, why = _start_sides(table, ok, run_sides, threads, timeout_s, say,
+                                                {"op": "load", "model_dir": hf_dir, "gguf": ck_gguf, "dtype": dt,
+                                                 "threads": threads, "backend": getattr(backend, "name", None),
+                                                 "max_model_len": max_len, "max_num_seqs": max(batches)})
             try:
                 for b in batches:
                     prompts = _prompts(config["vocab_size"], b, prompt_len)

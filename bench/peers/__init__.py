@@ -228,6 +228,12 @@ class Worker:
     failed: bool = False  # a failure keeps the log (its path is in the error)
 
     def start(self, timeout_s: float = 300.0) -> None:
+        """Start the process and wait for its ``ready`` line."""
+        self.spawn()
+        self._read(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (then :meth:`send` / :meth:`receive`, the first reply being ready)."""
         fd, self.log_path = tempfile.mkstemp(prefix=f"anyaccel-bench-{self.side.name}-", suffix=".log")
         env = dict(os.environ, **self.env)
         env["ANYACCEL_BENCH_THREADS"] = str(self.threads)
@@ -237,7 +243,6 @@ class Worker:
         self.proc = subprocess.Popen([self.python, "-u", self.side.script], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=fd, env=env, text=True, bufsize=1)
         os.close(fd)
-        self._read(timeout_s)
 
     def _log_tail(self, n: int = 6) -> str:
         try:
@@ -267,23 +272,31 @@ class Worker:
                 if line.strip():
                     return json.loads(line)
 
-    def call(self, request: Dict[str, Any], timeout_s: float = 600.0, memory: bool = False) -> Dict[str, Any]:
-        """Send ``request``; the reply gets ``peak_bytes`` (the worker tree's peak memory) when ``memory``."""
+    def send(self, request: Dict[str, Any]) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise WorkerError(f"{self.side.label}: worker is not running (log: {self.log_path})")
+            self.failed = True
+            raise WorkerError(f"{self.side.label}: worker is not running: {self._log_tail()} (log: {self.log_path})")
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        if memory:
-            with TreeMemory(self.proc.pid) as mem:
-                reply = self._read(timeout_s)
-            reply["peak_bytes"] = mem.peak
-        else:
-            reply = self._read(timeout_s)
+
+    def receive(self, timeout_s: float = 600.0) -> Dict[str, Any]:
+        reply = self._read(timeout_s)
         if "error" in reply:
             self.failed = True
             raise WorkerError(f"{self.side.label}: {reply['error']} (log: {self.log_path})")
         return reply
+
+    def call(self, request: Dict[str, Any], timeout_s: float = 600.0, memory: bool = False) -> Dict[str, Any]:
+        """Send ``request``; the reply gets ``peak_bytes`` (the worker tree's peak memory) when ``memory``."""
+        self.send(request)
+        if memory:
+            assert self.proc is not None
+            with TreeMemory(self.proc.pid) as mem:
+                reply = self.receive(timeout_s)
+            reply["peak_bytes"] = mem.peak
+            return reply
+        return self.receive(timeout_s)
 
     def close(self, kill: bool = False) -> None:
         p = self.proc
