@@ -95,7 +95,9 @@ def load_warning(cores: Optional[int] = None, load1: Optional[float] = None) -> 
             return None
     if load1 > 0.5 * cores:
         return (f"the machine is loaded: load average {load1:.2f} on {cores} cores before starting. Absolute "
-                f"tokens/s will be low and noisy; the ratios compare sides measured alternately in this run.")
+                f"tokens/s will be low and noisy; the ratios compare sides measured alternately in this run. "
+                f"With more runnable processes than cores, --threads 1 avoids multi-threaded ops waiting at "
+                f"their barriers for a time slice.")
     return None
 
 

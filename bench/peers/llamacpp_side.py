@@ -26,9 +26,13 @@ def load(req: dict) -> dict:
 
 
 def _argmax_last(llm) -> int:
+    """The greedy token after the last ``eval``: with ``logits_all=False`` the bindings keep no scores (0.3.x),
+    so the last row of logits is read from the context."""
+    import llama_cpp
     import numpy as np
 
-    return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ptr = llama_cpp.llama_get_logits(llm._ctx.ctx)
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
 
 
 def run(req: dict) -> dict:
