@@ -23,7 +23,7 @@ def cpu_backend_for_bench():
 @pytest.mark.slow
 def test_quick_run_records(cpu_backend_for_bench):
     recs = bench_model.run(cpu_backend_for_bench, quick=True, dtypes=[torch.float32], batches=[2],
-                           prompt_len=24, new_tokens=6, peers=["transformers"])
+                           prompt_len=24, new_tokens=6, peers=["transformers"], threads=1)
     assert [r["metric"] for r in recs] == ["prefill", "decode", "peak_memory"], recs
     for r in recs:
         assert r["error"] == "" and r["notes"] == {}, r
