@@ -561,7 +561,9 @@ def bench_model_main(args: argparse.Namespace, backend: Any, console: Any = None
         for r in recs:
             emit(render_row(r, shown))
 
-    say = None if args.quiet else (lambda m: print(f"  .. {m}", file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    say = None if args.quiet else (lambda m: print(f"  .. [{time.perf_counter() - t_start:6.1f} s] {m}",
+                                                   file=sys.stderr, flush=True))
     peers = [] if getattr(args, "no_peers", False) else getattr(args, "peers", None)
     records = run(backend, quick=args.quick, full=getattr(args, "full", False), dtypes=args.dtype or None,
                   batches=args.batch or None, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
