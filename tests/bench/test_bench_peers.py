@@ -51,6 +51,14 @@ def _fake(tmp_path, tag, per_token=0.01, shift=0):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _logs_in_tmp_path(tmp_path, monkeypatch):
+    """Worker logs (kept when a side fails) and the written weights go to the test's own folder."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture
 def fake_sides(tmp_path):
     return {
