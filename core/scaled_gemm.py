@@ -24,7 +24,7 @@ Kernel contract of ``scaled_gemm`` (what a backend's ``build(spec)`` returns)::
 
 ``xq_MK`` is 2-d (the core flattens leading dims and the matching scale dims); ``out_MN`` is preallocated with
 ``spec.dtype`` and must be fully written. ``prepared`` is what the kernel's optional ``prepare(wq_NK, w_scale)``
-returned when the layer was built (:meth:`ScaledGemm.prepare_weight`): a backend repacks a weight once, into its
+returned when the layer was built (:meth:`ScaledGemm.prepare`): a backend repacks a weight once, into its
 own layout, never per call. A kernel without a ``prepare`` attribute gets ``None``.
 
 Kernel contract of ``quantize_activation``::
@@ -50,7 +50,7 @@ from .validation import FLOAT_DTYPES, check_tensor, dtype_name, fmt_shape
 
 __all__ = ["SCHEMES", "QUANT_DTYPES", "QMAX", "WEIGHT_GRANULARITIES", "ACT_GRANULARITIES", "ScaledGemmSpec",
            "ScaledGemmCapability", "ScaledGemm", "scaled_gemm_reference", "dequantize", "QuantizeSpec",
-           "QuantizeCapability", "QuantizeActivation", "quantize_reference", "scale_shape"]
+           "QuantizeCapability", "QuantizeActivation", "quantize_reference", "scale_shape", "quantize_weight"]
 
 #: scheme -> the torch dtype of its quantized values
 QUANT_DTYPES: Dict[str, torch.dtype] = {"int8": torch.int8, "fp8_e4m3fn": torch.float8_e4m3fn,
@@ -220,6 +220,34 @@ def scaled_gemm_reference(spec: ScaledGemmSpec, x_q: torch.Tensor, x_scale: torc
     return y.reshape(*lead, weight.shape[0])
 
 
+def quantize_weight(w_NK: torch.Tensor, scheme: str, granularity: str = "channel", block_size: int = 128
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric quantization of a float weight ``[N, K]``: ``(w_q, w_scale)`` with the scale
+    shape of ``granularity`` (``scale = amax / QMAX`` over the tensor, each row, or each B x B block), computed in
+    float64 from the weight's values. What on-the-fly quantization and the conformance cases use."""
+    _choice("quantize_weight", "scheme", scheme, SCHEMES)
+    _choice("quantize_weight", "granularity", granularity, WEIGHT_GRANULARITIES)
+    n, k = w_NK.shape
+    w = w_NK.double()
+    b = block_size
+    if granularity == "tensor":
+        amax = w.abs().amax().reshape(1)
+    elif granularity == "channel":
+        amax = w.abs().amax(dim=1, keepdim=True)
+    else:
+        nb, kb = _cdiv(n, b), _cdiv(k, b)
+        pad = torch.zeros(nb * b, kb * b, dtype=torch.float64, device=w.device)
+        pad[:n, :k] = w.abs()
+        amax = pad.reshape(nb, b, kb, b).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / QMAX[scheme], torch.ones_like(amax)).float()
+    wd = w / dequantize(torch.ones(n, k, dtype=torch.float64, device=w.device), scale, granularity, b)
+    if scheme == "int8":
+        q = torch.round(wd).clamp(-127, 127).to(torch.int8)
+    else:
+        q = wd.clamp(-QMAX[scheme], QMAX[scheme]).to(QUANT_DTYPES[scheme])
+    return q.contiguous(), scale.contiguous()
+
+
 def _native(spec: ScaledGemmSpec) -> Callable:
     """Dequantize to float32 and multiply (the fallback on hardware without the scheme: correct, not fast)."""
     wg, ag, b = spec.weight_granularity, spec.act_granularity, spec.block_size
@@ -252,7 +280,7 @@ def _native(spec: ScaledGemmSpec) -> Callable:
 class ScaledGemm(Op):
     """``y[..., N] = dequant(x_q[..., K]) @ dequant(weight[N, K]).T (+ bias[N])`` (see the module docstring).
 
-    Build a layer's weight once with :meth:`prepare_weight` and pass its result as ``prepared`` on every call.
+    Build a layer's weight once with :meth:`prepare` and pass its result as ``prepared`` on every call.
     ``x_q``, ``weight`` and the scales must be contiguous (they are written by the quantize op or at load).
     """
 
@@ -307,7 +335,7 @@ class ScaledGemm(Op):
         check_tensor(op, "weight_scale", weight_scale, shape=want, dims=dims, dtypes=(torch.float32,),
                      device=weight.device)
 
-    def prepare_weight(self, weight: torch.Tensor, weight_scale: torch.Tensor):
+    def prepare(self, weight: torch.Tensor, weight_scale: torch.Tensor):
         """Validate a layer's quantized weight and its scales once, at build time, and return the kernel's
         prepared form (``None`` when the chosen kernel prepares nothing): pass it as ``prepared`` on every call."""
         self._check_weight(weight, weight_scale)
@@ -357,7 +385,7 @@ class ScaledGemm(Op):
                                            "Quantized operands and scales are written contiguous by the quantize "
                                            "op or at load")
         if prepared is None and getattr(self.kernel, "prepare", None) is not None:
-            raise InvalidArgumentError(op, "prepared", "the result of op.prepare_weight(weight, weight_scale)",
+            raise InvalidArgumentError(op, "prepared", "the result of op.prepare(weight, weight_scale)",
                                        "None", "This kernel repacks each weight once at build time, never per call")
         if out is None:
             out = torch.empty((*lead, n), dtype=s.dtype, device=dev)

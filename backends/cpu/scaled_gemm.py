@@ -10,7 +10,7 @@ What the cpu backend declares, and why:
   (``python -m anyaccel bench scaled-gemm`` prints the figure on the machine at hand). fp8 checkpoints still run
   on cpu through the core's recorded fallback (dequantize, float32 GEMM).
 
-Weights are prepared once (:meth:`ScaledGemm.prepare_weight`): the transposed int8 weight ``[K, N]`` that
+Weights are prepared once (:meth:`ScaledGemm.prepare`): the transposed int8 weight ``[K, N]`` that
 ``_int_mm`` takes, and its column sums for the zero point.
 """
 from __future__ import annotations
