@@ -1,7 +1,7 @@
 """Scaled-GEMM family (w8a8): ``y = dequant(x_q) @ dequant(w_q).T + b`` and the dynamic activation quantize.
 
 Shape legend: M rows (tokens, flattened over leading dims), K input features, N output features, G = ceil(K / B)
-K-groups and ceil(N / B) N-blocks for a block size B (``spec.block_size``, 128 by default).
+K-groups and ceil(N / B) N-blocks for a block size B (``spec.group_size``, 128 by default).
 
 **Schemes** (:data:`SCHEMES`): ``int8`` (torch.int8 values; weights symmetric, activations symmetric or with an
 int32 zero point), ``fp8_e4m3fn`` (OCP e4m3, finite max 448) and ``fp8_e4m3fnuz`` (e4m3 with exponent bias 8 and
@@ -104,12 +104,12 @@ class ScaledGemmSpec:
     :param dtype: dtype of the output and of the bias (float32, float16 or bfloat16).
     :param scheme: the quantized format of both operands, one of :data:`SCHEMES`.
     :param weight_granularity: ``"tensor"`` (one scale), ``"channel"`` (a scale per output feature) or
-        ``"block"`` (a scale per ``block_size`` x ``block_size`` block; fp8 schemes only).
+        ``"block"`` (a scale per ``group_size`` x ``group_size`` block; fp8 schemes only).
     :param act_granularity: ``"tensor"`` (one scale), ``"token"`` (a scale per row) or ``"group"`` (a scale per
-        1 x ``block_size`` group of a row; goes with ``"block"`` weights).
+        1 x ``group_size`` group of a row; goes with ``"block"`` weights).
     :param act_symmetric: ``False``: activations carry an int32 zero point (int8 with ``"tensor"`` or
         ``"token"`` activations only).
-    :param block_size: B, the side of a weight block and the length of an activation group (used by ``"block"``
+    :param group_size: B, the side of a weight block and the length of an activation group (used by ``"block"``
         and ``"group"`` only).
     :param has_bias: whether calls pass a bias (in ``dtype``).
     :param in_features: K, when known at build time (checked on every call).
@@ -121,7 +121,7 @@ class ScaledGemmSpec:
     weight_granularity: str = "channel"
     act_granularity: str = "token"
     act_symmetric: bool = True
-    block_size: int = 128
+    group_size: int = 128
     has_bias: bool = False
     in_features: Optional[int] = None
     out_features: Optional[int] = None
@@ -131,7 +131,7 @@ class ScaledGemmSpec:
         return QUANT_DTYPES[self.scheme]
 
     def __str__(self) -> str:
-        b = f", B={self.block_size}" if "block" == self.weight_granularity or "group" == self.act_granularity else ""
+        b = f", B={self.group_size}" if "block" == self.weight_granularity or "group" == self.act_granularity else ""
         zp = "" if self.act_symmetric else ", act zero point"
         return (f"scaled_gemm({self.scheme}, w={self.weight_granularity}, x={self.act_granularity}{zp}{b}, "
                 f"out={dtype_name(self.dtype)}, bias={self.has_bias}, K={self.in_features}, N={self.out_features})")
@@ -145,7 +145,7 @@ class ScaledGemmCapability(OpCapability):
     :param weight_granularities: weight scale granularities it applies.
     :param act_granularities: activation scale granularities it applies.
     :param asymmetric: whether it applies an activation zero point.
-    :param block_sizes: block sizes B it serves; ``None`` means any.
+    :param block_sizes: block (group) sizes B it serves; ``None`` means any.
     :param max_features: largest K and N accepted; ``None`` means unbounded.
     :param refusals: ``(feature, reason)`` pairs: why a scheme (or ``"block"``, block-wise scales) this kernel
         lacks is refused here, e.g. ``("fp8_e4m3fn", "fp8 needs compute capability >= 8.9; this device is
@@ -176,8 +176,8 @@ class ScaledGemmCapability(OpCapability):
         if not spec.act_symmetric and not self.asymmetric:
             reasons.append(why.get("asymmetric") or "activation zero points (asymmetric int8) not supported")
         blocked = spec.weight_granularity == "block" or spec.act_granularity == "group"
-        if blocked and self.block_sizes is not None and spec.block_size not in self.block_sizes:
-            reasons.append(f"block_size {spec.block_size} not in {sorted(self.block_sizes)}")
+        if blocked and self.block_sizes is not None and spec.group_size not in self.block_sizes:
+            reasons.append(f"group_size {spec.group_size} not in {sorted(self.block_sizes)}")
         if self.max_features is not None:
             for label, v in (("in_features (K)", spec.in_features), ("out_features (N)", spec.out_features)):
                 if v is not None and v > self.max_features:
@@ -212,8 +212,8 @@ def scaled_gemm_reference(spec: ScaledGemmSpec, x_q: torch.Tensor, x_scale: torc
     lead, k = x_q.shape[:-1], x_q.shape[-1]
     xs = x_scale.reshape(-1, x_scale.shape[-1]) if x_scale.dim() > 1 else x_scale
     xz = None if x_zero is None else (x_zero.reshape(-1) if x_zero.dim() > 1 else x_zero)
-    x = dequantize(x_q.reshape(-1, k), xs, spec.act_granularity, spec.block_size, xz)
-    w = dequantize(weight, weight_scale, spec.weight_granularity, spec.block_size)
+    x = dequantize(x_q.reshape(-1, k), xs, spec.act_granularity, spec.group_size, xz)
+    w = dequantize(weight, weight_scale, spec.weight_granularity, spec.group_size)
     y = x @ w.T
     if bias is not None:
         y = y + bias.double()
@@ -250,7 +250,7 @@ def quantize_weight(w_NK: torch.Tensor, scheme: str, granularity: str = "channel
 
 def _native(spec: ScaledGemmSpec) -> Callable:
     """Dequantize to float32 and multiply (the fallback on hardware without the scheme: correct, not fast)."""
-    wg, ag, b = spec.weight_granularity, spec.act_granularity, spec.block_size
+    wg, ag, b = spec.weight_granularity, spec.act_granularity, spec.group_size
 
     def _expand(s: torch.Tensor, gran: str, rows: int, k: int) -> torch.Tensor:
         if gran == "tensor":
@@ -299,7 +299,7 @@ class ScaledGemm(Op):
         _choice(op, "spec.act_granularity", spec.act_granularity, ACT_GRANULARITIES)
         _flag(op, "spec.act_symmetric", spec.act_symmetric)
         _flag(op, "spec.has_bias", spec.has_bias)
-        _positive(op, "spec.block_size", spec.block_size, optional=False)
+        _positive(op, "spec.group_size", spec.group_size, optional=False)
         _positive(op, "spec.in_features", spec.in_features)
         _positive(op, "spec.out_features", spec.out_features)
         if (spec.weight_granularity == "block") != (spec.act_granularity == "group"):
@@ -330,7 +330,7 @@ class ScaledGemm(Op):
         if s.out_features is not None and n != s.out_features:
             raise InvalidArgumentError(op, "weight", f"N = {s.out_features} rows (spec.out_features)",
                                        f"shape {list(weight.shape)}")
-        want = scale_shape(s.weight_granularity, n, k, s.block_size)
+        want = scale_shape(s.weight_granularity, n, k, s.group_size)
         dims = {"tensor": "1", "channel": "N, 1", "block": "ceil(N/B), ceil(K/B)"}[s.weight_granularity]
         check_tensor(op, "weight_scale", weight_scale, shape=want, dims=dims, dtypes=(torch.float32,),
                      device=weight.device)
@@ -362,7 +362,7 @@ class ScaledGemm(Op):
         elif s.act_granularity == "token":
             want, dims = (*lead, 1), "..., 1"
         else:
-            want, dims = (*lead, _cdiv(k, s.block_size)), "..., ceil(K/B)"
+            want, dims = (*lead, _cdiv(k, s.group_size)), "..., ceil(K/B)"
         check_tensor(op, "x_scale", x_scale, shape=want, dims=dims, dtypes=(torch.float32,), device=dev)
         if s.act_symmetric:
             if x_zero is not None:

@@ -37,7 +37,7 @@ def _refusal(feature: str, cc: Tuple[int, int]) -> str:
     need = MIN_CAPABILITY[feature]
     if need is None:
         return ("float8_e4m3fnuz is AMD's MI300 (gfx942) format; NVIDIA GPUs run OCP e4m3fn (scheme fp8_e4m3fn); "
-                "convert the checkpoint's scales (fnuz value = fn value / 2)")
+                "convert the weights to e4m3fn (every e4m3fnuz value but the smallest subnormals is exact in e4m3fn)")
     return (f"{FEATURE_LABEL[feature]} needs compute capability \u2265 {need[0]}.{need[1]}; "
             f"this device is {cc[0]}.{cc[1]}")
 

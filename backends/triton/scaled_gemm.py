@@ -125,7 +125,7 @@ def build_scaled_gemm(spec, tuning: TritonTuning, interpret: bool) -> Callable:
     kern = compile_kernel(scaled_gemm_kernel, interpret)
     is_int = spec.scheme == "int8"
     act, wgt = _ACT[spec.act_granularity], _WGT[spec.weight_granularity]
-    qb = spec.block_size if wgt == 2 else 1
+    qb = spec.group_size if wgt == 2 else 1
     has_zp = not spec.act_symmetric
     opts = dict(tuning.launch_options)
 

@@ -52,7 +52,7 @@ def _expand_rows(s: torch.Tensor, gran: str, rows: int, k: int, b: int, bug: Opt
 
 
 def scaled_gemm_kernel(spec: ScaledGemmSpec, bug: Optional[str] = None):
-    b = spec.block_size
+    b = spec.group_size
 
     def kernel(xq_MK, x_scale, x_zero, wq_NK, w_scale, prepared, bias_N, out_MN):
         m, k = xq_MK.shape

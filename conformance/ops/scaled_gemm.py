@@ -60,7 +60,7 @@ def _exact_operands(g: torch.Generator, spec: ScaledGemmSpec, m: int, k: int, n:
     def pow2(shape):
         return (2.0 ** -torch.randint(1, 5, shape, generator=g)).float()
 
-    b = spec.block_size
+    b = spec.group_size
     xs = pow2(scale_shape(spec.act_granularity, m, k, b))
     ws = pow2(scale_shape(spec.weight_granularity, n, k, b))
     xz = None if spec.act_symmetric else torch.randint(-8, 9, xs.shape, generator=g).to(torch.int32)
@@ -71,7 +71,7 @@ def make_case(dtype: torch.dtype, scheme: str, wg: str, ag: str, sym: bool, lead
               bias: bool, block_size: int = 128, label: str = "", exact: bool = False) -> OpCase:
     """One scaled-GEMM case ``x_q[*lead, K]``, ``w_q[N, K]`` with output (and bias) dtype ``dtype``."""
     spec = ScaledGemmSpec(dtype=dtype, scheme=scheme, weight_granularity=wg, act_granularity=ag,
-                          act_symmetric=sym, block_size=block_size, has_bias=bias, in_features=k, out_features=n)
+                          act_symmetric=sym, group_size=block_size, has_bias=bias, in_features=k, out_features=n)
     m = math.prod(lead)
 
     def make(device: torch.device, seed: int) -> Dict[str, Any]:
@@ -130,8 +130,8 @@ def magnitude(spec: ScaledGemmSpec, inp: Dict[str, Any]) -> torch.Tensor:
     xs = xs.reshape(-1, xs.shape[-1]) if xs.dim() > 1 else xs
     xz = inp["x_zero"]
     xz = None if xz is None else (xz.reshape(-1) if xz.dim() > 1 else xz)
-    x = dequantize(inp["x_q"].reshape(-1, k), xs, spec.act_granularity, spec.block_size, xz).abs()
-    w = dequantize(inp["weight"], inp["weight_scale"], spec.weight_granularity, spec.block_size).abs()
+    x = dequantize(inp["x_q"].reshape(-1, k), xs, spec.act_granularity, spec.group_size, xz).abs()
+    w = dequantize(inp["weight"], inp["weight_scale"], spec.weight_granularity, spec.group_size).abs()
     mag = x @ w.T
     if inp["bias"] is not None:
         mag = mag + inp["bias"].double().abs()
@@ -234,7 +234,7 @@ def case_strategy(backend: Any, dtype: torch.dtype):
 
     claimed = [c for c in COMBOS if _claimed(backend, ScaledGemm, ScaledGemmSpec(
         dtype=dtype, scheme=c[0], weight_granularity=c[1], act_granularity=c[2], act_symmetric=c[3],
-        block_size=64 if c[1] == "block" else 128))] or list(COMBOS)
+        group_size=64 if c[1] == "block" else 128))] or list(COMBOS)
 
     @st.composite
     def draw(draw_, within: bool) -> OpCase:
