@@ -197,5 +197,5 @@ def test_capability_refusals_carry_the_declared_reason():
 
 def test_fp8_formats_are_different_numbers():
     """The same byte is twice as large in e4m3fn as in e4m3fnuz: a kernel must know which it reads."""
-    v = torch.tensor([1.0, -3.5, 240.0]).to(torch.float8_e4m3fnuz)
+    v = torch.tensor([1.0, -3.5, 96.0, 2.0 ** -6]).to(torch.float8_e4m3fnuz)
     assert torch.equal(v.view(torch.float8_e4m3fn).float(), 2 * v.float())
