@@ -144,8 +144,15 @@ def test_explain_prints_the_refusal_for_a_simulated_device(monkeypatch, capsys):
     from anyaccel import cli
     from anyaccel.backends.cuda import tuning
 
+    from anyaccel.plugins import manager
+
     monkeypatch.setattr(tuning, "device_capability", lambda: (8, 0))
-    rc = cli.main(["explain", "scaled_gemm", "--backend", "cuda", "--scheme", "fp8_e4m3fn", "--dtype", "bf16"])
+    manager.reset_registry()       # discovery reads the (simulated) device; a cached registry would not
+    try:
+        rc = cli.main(["explain", "scaled_gemm", "--backend", "cuda", "--scheme", "fp8_e4m3fn", "--dtype", "bf16"])
+    finally:
+        monkeypatch.undo()
+        manager.reset_registry()
     out = capsys.readouterr().out
     assert rc in (0, None)
     assert "fp8 needs compute capability \u2265 8.9; this device is 8.0" in out, out
