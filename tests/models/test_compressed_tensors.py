@@ -48,6 +48,13 @@ def test_checkpoint_runs_from_its_8bit_weights(ckpt, scheme, backend):
     assert _greedy(model) == _greedy(ref)
 
 
+def test_build_model_reads_a_compressed_tensors_directory():
+    from anyaccel.models import build_model
+
+    model = build_model(str(DATA / "w8a8_int8"), _backend("cpu"), torch.float32)
+    assert model.quantization.startswith("compressed-tensors int8") and scaled_layers(model)
+
+
 def test_fp8_checkpoint_on_a_fnuz_backend_is_converted_exactly():
     from anyaccel.core import Backend, BackendDef, KernelImpl
     from anyaccel.core.scaled_gemm import ScaledGemm, ScaledGemmCapability
