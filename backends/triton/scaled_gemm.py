@@ -171,5 +171,6 @@ def make_scaled_gemm_kernels(backend_name: str, tuning: TritonTuning, interpret:
             op="quantize_activation", backend=backend_name, name=f"{pre}.quantize_activation.torch",
             build=QuantizeActivation.native, priority=priority,
             capability=QuantizeCapability(dtypes=capability.dtypes, schemes=schemes, refusals=capability.refusals),
-            description="dynamic activation quantize in torch on the device (amax, scale, round, cast)"))
+            description=f"dynamic activation quantize in torch on the device (amax, scale, round, cast) ({tier}, "
+                        f"tuning {tuning.name})"))
     return out
