@@ -229,7 +229,10 @@ _FIELD_OPTIONS = {"num_heads": "num_heads", "num_kv_heads": "num_kv_heads", "hea
                   "scale": "scale", "in_features": "in_features", "out_features": "out_features",
                   "has_bias": "bias", "hidden_size": "hidden_size", "style": "style", "eps": "eps",
                   "fused_residual": "fused_residual", "rotary_dim": "rotary_dim", "max_position": "max_position",
-                  "approximate": "approximate", "num_experts": "num_experts", "kv_layout": "kv_layout"}
+                  "approximate": "approximate", "num_experts": "num_experts", "kv_layout": "kv_layout",
+                  "scheme": "scheme", "weight_granularity": "weight_granularity",
+                  "act_granularity": "act_granularity", "granularity": "act_granularity",
+                  "act_symmetric": "act_symmetric", "symmetric": "act_symmetric", "group_size": "group_size"}
 
 
 def build_spec(op_cls: type, args: argparse.Namespace, backend: Any) -> Any:
@@ -599,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rotary-dim", type=int)
     e.add_argument("--max-position", type=int)
     e.add_argument("--approximate", help="gelu approximation: none or tanh")
+    e.add_argument("--scheme", help="scaled_gemm / quantize_activation: int8, fp8_e4m3fn or fp8_e4m3fnuz")
+    e.add_argument("--weight-granularity", dest="weight_granularity", help="scaled_gemm: tensor, channel or block")
+    e.add_argument("--act-granularity", dest="act_granularity", help="scaled_gemm: tensor, token or group")
+    e.add_argument("--act-symmetric", dest="act_symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="scaled_gemm: --no-act-symmetric for int8 activations with a zero point")
+    e.add_argument("--group-size", dest="group_size", type=int, help="scaled_gemm: block / group size B")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_explain)
 

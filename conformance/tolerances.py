@@ -113,6 +113,8 @@ def _row(mid_units: float = 0.0, acc: float = _ACC) -> Dict[torch.dtype, Toleran
 
 
 _EXACT = Tolerance(0.0, 0.0)
+#: no absolute or relative part: the quantize cases carry their whole bound as an allowance
+_EXACT_Q = Tolerance(0.0, 0.0)
 
 #: ``TABLE[op_class][dtype]`` -- the single source of every bound the op suite applies (see the module docstring
 #: for the model; ``mid_mag``/``acc_mag`` are computed per element by each case's reference).
@@ -130,6 +132,14 @@ TABLE: Dict[str, Dict[torch.dtype, Tolerance]] = {
     # act(a) * b. mid_mag = |ref| (act(a) rounded before the product); acc_mag = |ref| (the transcendental),
     # plus |a * b| for gelu (1 + erf(a / sqrt 2) cancels in the negative tail).
     "activation": _row(mid_units=1.0),
+    # scaled_gemm (w8a8): dequantization is exact (8-bit values times float32 scales, in float64), so the model is
+    # the dense GEMM's on the dequantized operands: output rounding, plus acc_mag = sqrt(K) * (|x_hat| @ |w_hat|^T
+    # + |b|) for the fp32 accumulation (int8 accumulates exactly in int32 and spends the term on the float32
+    # conversion and the two scale products instead). Nothing rounded mid-way.
+    "scaled_gemm": _row(),
+    # quantize_activation: the result is compared dequantized, against the input; every bound is the case's
+    # per-element allowance (half a quantization step of the reference scale, plus 4 u32 of the float32 scale).
+    "quantize": {_F32: _EXACT_Q, _F16: _EXACT_Q, _BF16: _EXACT_Q},
     # small integers and powers of two: a correct kernel is exact up to the final rounding (no allowance).
     "exact": {dt: Tolerance(UNIT_ROUNDOFF[dt] * torch.finfo(dt).smallest_normal, UNIT_ROUNDOFF[dt])
               for dt in (_F32, _F16, _BF16)},

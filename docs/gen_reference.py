@@ -93,6 +93,17 @@ KERNELS: Dict[str, KernelContract] = {
     "gelu_and_mul": KernelContract(
         ("x_N2d", "out_Nd"), ("out_Nd",), _IGNORED.format("out_Nd"),
         "`out = gelu(x[:, :d]) * x[:, d:]`, erf or tanh gelu per `spec.approximate`."),
+    "scaled_gemm": KernelContract(
+        ("xq_MK", "x_scale", "x_zero | None", "wq_NK", "w_scale", "prepared | None", "bias_N | None", "out_MN"),
+        ("out_MN",), _IGNORED.format("out_MN"),
+        "`y = ((xq - x_zero) * x_scale) @ (wq * w_scale).T + b`, scales float32 in the granularity's shape "
+        "(`x_scale` [1], [M, 1] or [M, ceil(K/B)]; `w_scale` [1], [N, 1] or [ceil(N/B), ceil(K/B)]); `prepared` is "
+        "what the kernel's optional `prepare(wq_NK, w_scale)` returned once at build (`ScaledGemm.prepare`)."),
+    "quantize_activation": KernelContract(
+        ("x_MK", "q_out_MK", "scale_out", "zero_out | None"), ("q_out_MK", "scale_out", "zero_out"),
+        "`None` (ignored)",
+        "writes the quantized values, the float32 scales ([1], [M, 1] or [M, ceil(K/B)]) and, for asymmetric "
+        "int8, the int32 zero points, by the rule in `core/scaled_gemm.py`."),
 }
 
 #: The capability class each op's kernels declare (checked against the built-in backends' kernels by the test).
@@ -100,7 +111,8 @@ CAPABILITY_OF: Dict[str, str] = {
     "gemm": "GemmCapability", "grouped_gemm": "GroupedGemmCapability", "attention": "AttentionCapability",
     "reshape_and_cache": "AttentionCapability", "rms_norm": "NormCapability", "layer_norm": "NormCapability",
     "rotary_embedding": "RotaryCapability", "silu_and_mul": "GatedActivationCapability",
-    "gelu_and_mul": "GatedActivationCapability",
+    "gelu_and_mul": "GatedActivationCapability", "scaled_gemm": "ScaledGemmCapability",
+    "quantize_activation": "QuantizeCapability",
 }
 
 #: For each attention feature: the AttentionSpec change that implies it, as (field, value, text). The renderer

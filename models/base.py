@@ -275,6 +275,10 @@ def build_model(source: Any, backend: Backend, dtype: Any = torch.float32, stric
     if isinstance(source, (str, os.PathLike)):
         label = os.path.join(os.fspath(source), "config.json")
         d = loading.read_config(source)
+        if (d.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+            from .compressed_tensors import load_compressed_tensors  # W8A8 weights stay 8-bit (scaled GEMM)
+
+            return load_compressed_tensors(source, backend, dt, strict, block_size=block_size)
         weights = loading.iter_safetensors(source)
     elif loading.is_hf_model(source):
         label = f"config of the {type(source).__name__} object"

@@ -33,6 +33,6 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import attention, fused, gemm, invariant
+    from . import attention, fused, gemm, invariant, scaled_gemm
 
-    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *invariant.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *invariant.KERNELS, *scaled_gemm.KERNELS]

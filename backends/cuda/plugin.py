@@ -49,6 +49,18 @@ def anyaccel_kernels(ctx):
 
         triton_kernels = make_kernels("cuda", tuning_for(device_capability()), interpret=False,
                                       gemm_min_features=gemm.TRITON_GEMM_MIN_FEATURES)
+        triton_kernels += _scaled_gemm_kernels(device_capability())
     except ImportError:  # no triton here: cuBLAS still serves GEMM; the other ops fall back to the core
         triton_kernels = []
     return [*triton_kernels, *gemm.KERNELS]
+
+
+def _scaled_gemm_kernels(cc):
+    """The w8a8 Triton kernel with what compute capability ``cc`` runs natively (``quant.py``'s table)."""
+    from ..triton.scaled_gemm import make_scaled_gemm_kernels
+    from .quant import scaled_gemm_capability
+    from .tuning import tuning_for
+
+    t = tuning_for(cc)
+    return make_scaled_gemm_kernels("cuda", t, False, scaled_gemm_capability(cc, frozenset(t.limits.dtypes),
+                                                                             t.limits.max_gemm_features))

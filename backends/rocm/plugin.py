@@ -53,6 +53,18 @@ def anyaccel_kernels(ctx):
 
         triton_kernels = make_kernels("rocm", tuning_for(device_arch()), interpret=False,
                                       gemm_min_features=gemm.TRITON_GEMM_MIN_FEATURES)
+        triton_kernels += _scaled_gemm_kernels(device_arch())
     except ImportError:  # no triton here: hipBLAS still serves GEMM; the other ops fall back to the core
         triton_kernels = []
     return [*triton_kernels, *gemm.KERNELS]
+
+
+def _scaled_gemm_kernels(arch):
+    """The w8a8 Triton kernel with what gfx architecture ``arch`` runs natively (``quant.py``'s table)."""
+    from ..triton.scaled_gemm import make_scaled_gemm_kernels
+    from .quant import scaled_gemm_capability
+    from .tuning import tuning_for
+
+    t = tuning_for(arch)
+    return make_scaled_gemm_kernels("rocm", t, False, scaled_gemm_capability(arch, frozenset(t.limits.dtypes),
+                                                                             t.limits.max_gemm_features))

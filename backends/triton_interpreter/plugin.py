@@ -130,5 +130,10 @@ def anyaccel_kernels(ctx):
     if detect() is not None:
         return []
     from ..triton import make_kernels
+    from ..triton.scaled_gemm import make_scaled_gemm_kernels
+    from ...core.scaled_gemm import ScaledGemmCapability
 
-    return make_kernels(NAME, tuning(), interpret=True)
+    t = tuning()
+    # the interpreter represents int8, e4m3fn and e4m3fnuz exactly: every scheme and granularity is declared
+    quant = ScaledGemmCapability(dtypes=frozenset(t.limits.dtypes), max_features=t.limits.max_gemm_features)
+    return make_kernels(NAME, t, interpret=True) + make_scaled_gemm_kernels(NAME, t, True, quant)

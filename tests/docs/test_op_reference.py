@@ -23,6 +23,7 @@ import anyaccel.core as core
 from anyaccel.conformance import runner
 from anyaccel.core import attention as attn
 from anyaccel.core import fused, gemm
+from anyaccel.core import scaled_gemm as sg
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "op-reference.md"
@@ -206,6 +207,14 @@ def _calls(op_id):
         "rotary_embedding": [(rot, (torch.tensor([0, 5]), r(2, 2, 8), r(2, 1, 8), r(16, 8)))],
         "silu_and_mul": [(fused.GatedActivationSpec(F32), (r(3, 8),))],
         "gelu_and_mul": [(fused.GatedActivationSpec(F32, approximate="tanh"), (r(2, 3, 8),))],
+        "scaled_gemm": [(sg.ScaledGemmSpec(F32, has_bias=True),
+                         (torch.ones(3, 8, dtype=torch.int8), torch.ones(3, 1), torch.ones(5, 8, dtype=torch.int8),
+                          torch.ones(5, 1), r(5))),
+                        (sg.ScaledGemmSpec(F32, act_symmetric=False, act_granularity="tensor"),
+                         (torch.ones(2, 3, 8, dtype=torch.int8), torch.ones(1), torch.ones(5, 8, dtype=torch.int8),
+                          torch.ones(5, 1), None, torch.zeros(1, dtype=torch.int32)))],
+        "quantize_activation": [(sg.QuantizeSpec(F32), (r(3, 8),)),
+                                (sg.QuantizeSpec(F32, symmetric=False), (r(2, 3, 8),))],
     }[op_id]
 
 
