@@ -31,6 +31,6 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import attention, fused, gemm
+    from . import attention, fused, gemm, weight_only
 
-    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *weight_only.KERNELS]
