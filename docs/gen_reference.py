@@ -93,6 +93,13 @@ KERNELS: Dict[str, KernelContract] = {
     "gelu_and_mul": KernelContract(
         ("x_N2d", "out_Nd"), ("out_Nd",), _IGNORED.format("out_Nd"),
         "`out = gelu(x[:, :d]) * x[:, d:]`, erf or tanh gelu per `spec.approximate`."),
+    "weight_only_gemm": KernelContract(
+        ("x_MK", "packed", "bias_N | None", "out_MN"), ("out_MN",), _IGNORED.format("out_MN"),
+        "`packed` is what the kernel's own `prepare(weight)` returned when the weight was loaded (the canonical "
+        "`QuantizedWeight` when the kernel has no `prepare`); `out = x @ dequantize(w).T + b`, float32 "
+        "accumulation; the dequantized weight, its scale and offset may be rounded once to `spec.dtype`. "
+        "Optional kernel attributes: `prepare(weight: QuantizedWeight) -> packed` (called once per weight by "
+        "`WeightOnlyGemm.prepare`, never per call) and `layout: str` (the name of what it returns)."),
 }
 
 #: The capability class each op's kernels declare (checked against the built-in backends' kernels by the test).
@@ -100,7 +107,7 @@ CAPABILITY_OF: Dict[str, str] = {
     "gemm": "GemmCapability", "grouped_gemm": "GroupedGemmCapability", "attention": "AttentionCapability",
     "reshape_and_cache": "AttentionCapability", "rms_norm": "NormCapability", "layer_norm": "NormCapability",
     "rotary_embedding": "RotaryCapability", "silu_and_mul": "GatedActivationCapability",
-    "gelu_and_mul": "GatedActivationCapability",
+    "gelu_and_mul": "GatedActivationCapability", "weight_only_gemm": "WeightOnlyGemmCapability",
 }
 
 #: For each attention feature: the AttentionSpec change that implies it, as (field, value, text). The renderer

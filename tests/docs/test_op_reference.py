@@ -23,6 +23,7 @@ import anyaccel.core as core
 from anyaccel.conformance import runner
 from anyaccel.core import attention as attn
 from anyaccel.core import fused, gemm
+from anyaccel.core import weight_only as wo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "op-reference.md"
@@ -206,7 +207,15 @@ def _calls(op_id):
         "rotary_embedding": [(rot, (torch.tensor([0, 5]), r(2, 2, 8), r(2, 1, 8), r(16, 8)))],
         "silu_and_mul": [(fused.GatedActivationSpec(F32), (r(3, 8),))],
         "gelu_and_mul": [(fused.GatedActivationSpec(F32, approximate="tanh"), (r(2, 3, 8),))],
+        "weight_only_gemm": [
+            (wo.WeightOnlyGemmSpec(F32, "int4", 64, 16, 32, has_bias=True), (r(3, 64), _prepared(), r(16))),
+            (wo.WeightOnlyGemmSpec(F32, "int4", 64, 16, 32), (r(2, 3, 64), _prepared()))],
     }[op_id]
+
+
+def _prepared():
+    qw = wo.quantize_rtn(torch.randn(16, 64), "int4", 32)
+    return wo.PreparedWeight(qw, wo.CANONICAL_LAYOUT, qw)
 
 
 def _storage(t):
