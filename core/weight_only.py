@@ -51,7 +51,7 @@ from .validation import FLOAT_DTYPES, check_tensor, dtype_name
 
 __all__ = ["WEIGHT_FORMATS", "WeightFormat", "QuantizedWeight", "PreparedWeight", "WeightOnlyGemmSpec",
            "WeightOnlyGemmCapability", "WeightOnlyGemm", "weight_only_gemm_reference", "dequantize",
-           "dequantize_gguf_blocks", "quantize_rtn", "group_count", "row_bytes", "GROUP_SIZES", "CANONICAL_LAYOUT"]
+           "dequantize_gguf_blocks", "quantize_rtn", "Decomposed", "decompose", "group_count", "row_bytes", "GROUP_SIZES", "CANONICAL_LAYOUT"]
 
 OP = "weight_only_gemm"
 #: The layout of a weight no backend repacked (the :class:`QuantizedWeight` itself).
@@ -208,6 +208,80 @@ def dequantize_gguf_blocks(fmt: str, blocks: torch.Tensor) -> torch.Tensor:
     else:
         raise InvalidArgumentError(OP, "format", f"a GGUF format of {sorted(WEIGHT_FORMATS)}", repr(fmt))
     return y.reshape(r, -1)
+
+
+@dataclass(frozen=True, eq=False)
+class Decomposed:
+    """A weight as ``w[n, k] = codes[n, k] * scale[n, k // chunk] + offset[n, k // chunk]`` (exact in float64).
+
+    :param codes: ``[N, K]`` int16: 0..15 for the 4-bit formats, -128..127 for ``int8``/``q8_0``, -32..31 for
+        ``q6_k``.
+    :param scale: ``[N, K / chunk]`` float64.
+    :param offset: ``[N, K / chunk]`` float64 (``-zero * scale``, Q4_0's ``-8 d``, Q4_1's ``m``, Q4_K's
+        ``-dmin * min``; zeros for the symmetric 8-bit formats).
+    :param chunk: elements sharing one scale and offset (the group size, the GGUF block or sub-block).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    chunk: int
+
+
+def decompose(weight: QuantizedWeight) -> Decomposed:
+    """Split a canonical weight into integer codes and one (scale, offset) pair per chunk, exactly.
+
+    Every format is an affine map of small integer codes per chunk; kernels that repack a weight at load
+    (``prepare``) start from this, so the byte layouts are read in this module only.
+    """
+    fmt = weight.format
+    n, k = weight.shape
+    if fmt in ("int4", "int8"):
+        g = k if weight.group_size is None else weight.group_size
+        if fmt == "int4":
+            d = weight.data
+            codes = torch.stack([d & 0x0F, d >> 4], dim=-1).reshape(n, k).to(torch.int16)
+            zero_default = 8.0
+        else:
+            codes = weight.data.to(torch.int16)
+            zero_default = 0.0
+        sc = weight.scales.double()
+        z = torch.full_like(sc, zero_default) if weight.zeros is None else weight.zeros.double()
+        return Decomposed(codes, sc, -z * sc, g)
+    f = WEIGHT_FORMATS[fmt]
+    b = weight.data.reshape(n, -1, f.block_bytes)
+    if fmt in ("q4_0", "q4_1"):
+        d = _f16(b[..., 0:2])
+        off = -8.0 * d if fmt == "q4_0" else _f16(b[..., 2:4])
+        qs = b[..., 2:18] if fmt == "q4_0" else b[..., 4:20]
+        return Decomposed(_nibbles_split(qs).reshape(n, k).to(torch.int16), d, off, 32)
+    if fmt == "q8_0":
+        d = _f16(b[..., 0:2])
+        codes = b[..., 2:34].contiguous().view(torch.int8).reshape(n, k).to(torch.int16)
+        return Decomposed(codes, d, torch.zeros_like(d), 32)
+    if fmt == "q4_k":
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        s = b[..., 4:16].to(torch.int32)
+        sc = [s[..., j] & 63 for j in range(4)] + [(s[..., j + 4] & 0xF) | ((s[..., j - 4] >> 6) << 4)
+                                                    for j in range(4, 8)]
+        mn = [s[..., j + 4] & 63 for j in range(4)] + [(s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4)
+                                                       for j in range(4, 8)]
+        qs = b[..., 16:144].reshape(n, -1, 4, 32)
+        codes = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, k).to(torch.int16)
+        scale = (d[..., None] * torch.stack(sc, -1).double()).reshape(n, -1)
+        offset = (-dmin[..., None] * torch.stack(mn, -1).double()).reshape(n, -1)
+        return Decomposed(codes, scale, offset, 32)
+    # q6_k
+    ql = b[..., 0:128].to(torch.int16).reshape(n, -1, 2, 64)
+    qh = b[..., 128:192].to(torch.int16).reshape(n, -1, 2, 32)
+    scs = b[..., 192:208].contiguous().view(torch.int8).double()
+    d = _f16(b[..., 208:210])
+    l0, l1 = ql[..., :32], ql[..., 32:]
+    q = torch.stack([(l0 & 0xF) | ((qh & 3) << 4), (l1 & 0xF) | (((qh >> 2) & 3) << 4),
+                     (l0 >> 4) | (((qh >> 4) & 3) << 4), (l1 >> 4) | (((qh >> 6) & 3) << 4)], dim=3)
+    codes = (q - 32).reshape(n, k)
+    scale = (d[..., None] * scs).reshape(n, -1)
+    return Decomposed(codes, scale, torch.zeros_like(scale), 16)
 
 
 def dequantize(weight: QuantizedWeight) -> torch.Tensor:

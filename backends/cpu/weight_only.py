@@ -18,8 +18,7 @@ import functools
 import torch
 
 from ...core.dispatch import KernelImpl
-from ...core.weight_only import WEIGHT_FORMATS, WeightOnlyGemmCapability, WeightOnlyGemmSpec, dequantize_gguf_blocks
-from ...core.weight_only import _f16  # the core's float16 reader: one home for the byte layout
+from ...core.weight_only import WeightOnlyGemmCapability, WeightOnlyGemmSpec, decompose
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _INT4_FORMATS = frozenset({"int4", "q4_0", "q4_1", "q4_k"})
@@ -40,36 +39,6 @@ def _probe(which: str) -> str:
         return f"torch {torch.__version__} cannot run its {which} packed CPU kernel: {e}"
 
 
-def _int4_codes_scales_offsets(qw):
-    """(codes [N, K] in 0..15, scale [N, K/G], offset [N, K/G] float64, G) with ``w = (q - 8) * scale + offset``."""
-    n, k = qw.shape
-    if qw.format == "int4":
-        d = qw.data
-        q = torch.stack([d & 0x0F, d >> 4], dim=-1).reshape(n, k)
-        s = qw.scales.double()
-        z = torch.zeros_like(s) if qw.zeros is None else (8.0 - qw.zeros.double()) * s
-        return q, s, z, (k if qw.group_size is None else qw.group_size)
-    b = qw.data.reshape(n, -1, WEIGHT_FORMATS[qw.format].block_bytes)
-    if qw.format == "q4_0":
-        s = _f16(b[..., 0:2])
-        q = torch.cat([b[..., 2:18] & 0x0F, b[..., 2:18] >> 4], -1)
-        return q.reshape(n, k), s, torch.zeros_like(s), 32
-    if qw.format == "q4_1":
-        s, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = torch.cat([b[..., 4:20] & 0x0F, b[..., 4:20] >> 4], -1)
-        return q.reshape(n, k), s, m + 8.0 * s, 32
-    # q4_k: each 32-element sub-block's scale and offset from the exact dequantization of all-0 and all-1 codes
-    qs = b[..., 16:144].reshape(n, -1, 4, 32)
-    q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, k)
-    hdr = b.clone()
-    hdr[..., 16:144] = 0x00
-    lo = dequantize_gguf_blocks("q4_k", hdr.reshape(n, -1)).reshape(n, -1, 32)[..., 0]  # -dmin * m
-    hdr[..., 16:144] = 0x11
-    hi = dequantize_gguf_blocks("q4_k", hdr.reshape(n, -1)).reshape(n, -1, 32)[..., 0]  # d * sc - dmin * m
-    s = hi - lo
-    return q, s, lo + 8.0 * s, 32
-
-
 def _build_int4(spec: WeightOnlyGemmSpec):
     why = _probe("int4")
     if why:
@@ -77,10 +46,10 @@ def _build_int4(spec: WeightOnlyGemmSpec):
     dt = spec.dtype
 
     def prepare(qw):
-        q, s, z, g = _int4_codes_scales_offsets(qw)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
-        sz = torch.stack([s.t(), z.t()], dim=-1).to(dt).contiguous()  # [K/G, N, 2]
-        return packed, g, sz
+        dc = decompose(qw)  # w = q * s + o = (q - 8) * s + (o + 8 s): torch's (scale, zero) pair
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(dc.codes.to(torch.int32).contiguous(), 2)
+        sz = torch.stack([dc.scale.t(), (dc.offset + 8.0 * dc.scale).t()], dim=-1).to(dt).contiguous()  # [K/G, N, 2]
+        return packed, dc.chunk, sz
 
     def weight_only_gemm_int4pack(x_MK, packed, bias_N, out_MN):
         w, g, sz = packed
@@ -115,40 +84,15 @@ def _build_int8(spec: WeightOnlyGemmSpec):
     return weight_only_gemm_int8pack
 
 
-def _int8_codes(qw):
-    """(codes [N, K/G, G] int8, scale [N, K/G, 1], offset [N, K/G, 1] float32 or None): ``w = q * s + o``."""
-    n, k = qw.shape
-    if qw.format == "int8":
-        g = k if qw.group_size is None else qw.group_size
-        s = qw.scales.double()
-        o = None if qw.zeros is None else -qw.zeros.double() * s
-        q = qw.data.reshape(n, k // g, g)
-    elif qw.format == "q8_0":
-        b = qw.data.reshape(n, -1, 34)
-        s = _f16(b[..., 0:2])
-        q, o = b[..., 2:34].contiguous().view(torch.int8), None
-    elif qw.format in _INT4_FORMATS:
-        q4, s, z, g = _int4_codes_scales_offsets(qw)
-        q = (q4.to(torch.int16) - 8).to(torch.int8).reshape(n, k // g, g)
-        o = z
-    else:  # q6_k: codes 0..63 - 32 and d * scale per 16-element sub-block
-        b = qw.data.reshape(n, -1, 210)
-        hdr = b.clone()
-        hdr[..., 0:192] = 0
-        # with every 6-bit code zero, each value is -32 * d * sc: the sub-block scale, exactly
-        s = dequantize_gguf_blocks("q6_k", hdr.reshape(n, -1)).reshape(n, -1, 16)[..., 0] / -32.0
-        w = dequantize_gguf_blocks("q6_k", qw.data).reshape(n, -1, 16)
-        safe = torch.where(s == 0, torch.ones_like(s), s)
-        q = torch.where(s[..., None] == 0, torch.zeros_like(w), w / safe[..., None]).round().to(torch.int8)
-        o = None
-    return q.contiguous(), s.float()[..., None], (None if o is None else o.float()[..., None])
-
-
 def _build_int8_groups(spec: WeightOnlyGemmSpec):
     dt = spec.dtype
 
     def prepare(qw):
-        return _int8_codes(qw)
+        dc = decompose(qw)
+        n, k = qw.shape
+        q = dc.codes.to(torch.int8).reshape(n, k // dc.chunk, dc.chunk).contiguous()
+        o = dc.offset.float()[..., None] if bool((dc.offset != 0).any()) else None
+        return q, dc.scale.float()[..., None], o
 
     def weight_only_gemm_int8_groups(x_MK, packed, bias_N, out_MN):
         q, s, o = packed
