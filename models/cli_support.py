@@ -44,6 +44,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
+    p.add_argument("--quantization", default=None, choices=("none", "int4", "int8"),
+                   help="quantize the linear layers' weights on the fly (round to nearest; int4: symmetric group "
+                        "128, int8: symmetric per-channel; the LM head stays float) and run them packed; 'none' "
+                        "runs float weights. Default: a GGUF file's own quantized blocks run packed, other "
+                        "checkpoints run float")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantize a GGUF file's blocks to --dtype at load (the float path) instead of running "
+                        "them packed")
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
                         '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')
@@ -72,12 +80,28 @@ def parse_prompt_ids(text: str) -> List[int]:
 
 
 def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool = False,
-                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None
+                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
+                          quantization: Optional[str] = None, dequantize: bool = False,
                           ) -> Tuple[Any, Optional[Callable[[], Any]]]:
     """``(model, tokenizer_factory or None)`` for ``--model name``.
 
     The tokenizer is built lazily (``tokenizer_factory()``): only ``--prompt`` and decoding need it.
+    ``quantization``: ``None`` (a GGUF file's quantized blocks run packed unless ``dequantize``; other
+    checkpoints float), ``"none"`` (float weights everywhere) or a scheme of ``models.quant.SCHEMES`` (``int4``,
+    ``int8``: round to nearest from the float weights, packed).
     """
+    from .quant import SCHEMES, quantize_model
+
+    if quantization not in (None, "none") and quantization not in SCHEMES:
+        raise GenerateError(f"--quantization {quantization!r}: expected none or one of {', '.join(SCHEMES)}")
+    model, tok = _load_generation_model(name, backend, dtype, strict=strict, builtins=builtins,
+                                        packed=quantization is None and not dequantize)
+    if quantization not in (None, "none"):
+        quantize_model(model, quantization)
+    return model, tok
+
+
+def _load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool, builtins, packed: bool):
     from . import real
     from .base import build_model
     from .gguf import build_gguf_model
@@ -89,10 +113,10 @@ def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool =
             raise GenerateError(f"model '{name}' is unavailable: {ck.reason}")
         if ck.kind != "gguf":
             return _hf_dir(ck.path, backend, dtype, strict)
-        model, gg = build_gguf_model(ck.path, backend, dtype, strict=strict)
+        model, gg = build_gguf_model(ck.path, backend, dtype, strict=strict, dequantize=not packed)
         return model, gg.tokenizer
     if os.path.isfile(name) and name.endswith(".gguf"):
-        model, gg = build_gguf_model(name, backend, dtype, strict=strict)
+        model, gg = build_gguf_model(name, backend, dtype, strict=strict, dequantize=not packed)
         return model, gg.tokenizer
     if os.path.isdir(name):
         return _hf_dir(name, backend, dtype, strict)
@@ -134,6 +158,7 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     """Run ``anyaccel generate`` on ``backend`` (the CLI resolves ``--backend``; models never look one up)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .base import parse_dtype
+    from .quant import describe_quantization
     from .runner import Engine
     from .sampling import SamplingParams
 
@@ -146,7 +171,8 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     model, tok_factory = load_generation_model(args.model, backend, dtype, strict=getattr(args, "strict", False),
-                                               builtins=builtins)
+                                               builtins=builtins, quantization=getattr(args, "quantization", None),
+                                               dequantize=getattr(args, "dequantize", False))
     if not model.is_causal:
         raise GenerateError(f"--model {args.model!r} is an encoder ({model.config.architecture}); it has no "
                             f"next-token head to generate with")
@@ -179,7 +205,8 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
                           "prompt_ids": prompt_ids, "output_ids": out, "text": text, "finish_reason": finish_reason,
-                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None}))
+                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None,
+                          "quantization": describe_quantization(model)}))
         return 0
     print(text if text is not None else " ".join(str(t) for t in out))
     if finish_reason == "length":
@@ -200,8 +227,14 @@ def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] 
                     if isinstance(ck, real.RealCheckpoint) else
                     {"status": "missing", "reason": ck.reason, "package": ck.package})
     names = sorted(builtins) if builtins else []
+    from ..core.weight_only import WEIGHT_FORMATS
+    from .quant import SCHEMES
+
+    quant = {"schemes": {n: s.description for n, s in SCHEMES.items()},
+             "gguf_packed_formats": [f for f, d in WEIGHT_FORMATS.items() if d.gguf]}
     if getattr(args, "json", False):
-        print(json.dumps({"families": fams, "builtin_models": names, "real_checkpoints": reals}, indent=2))
+        print(json.dumps({"families": fams, "builtin_models": names, "real_checkpoints": reals,
+                          "quantization": quant}, indent=2))
         return 0
     print("families (HF architectures they serve):")
     for cls, archs in fams.items():
@@ -212,4 +245,6 @@ def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] 
     for n, r in reals.items():
         where = r.get("path") or r.get("reason")
         print(f"  {n}: {r['status']} ({where})")
+    print("quantization (--quantization): " + "; ".join(f"{n}: {d}" for n, d in quant["schemes"].items()))
+    print("GGUF blocks run packed (--dequantize for float): " + ", ".join(quant["gguf_packed_formats"]))
     return 0

@@ -183,12 +183,16 @@ class LLM:
     :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
         most (longer prompts are prefilled in chunks that share steps with decode).
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
+    :param quantization: ``None`` (a GGUF file's quantized blocks run packed, other checkpoints float),
+        ``"none"`` (float weights), ``"int4"`` or ``"int8"`` (round-to-nearest weights run packed; see
+        ``anyaccel.models.quant``).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
-                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
+                 quantization: Optional[str] = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..models.base import build_model, parse_dtype
         from ..models.cli_support import load_generation_model
@@ -210,13 +214,17 @@ class LLM:
             self.backend = choose_backend(backend)
             if isinstance(model, (str, os.PathLike)):
                 self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt, strict=strict,
-                                                                builtins=builtins)
+                                                                builtins=builtins, quantization=quantization)
             else:
                 try:
                     self.model = build_model(model, self.backend, dt, strict=strict, block_size=block_size)
                 except TypeError as e:
                     raise InvalidArgumentError(_OP, "model", "a checkpoint name, a directory, a .gguf file, a "
                                                "transformers model or an anyaccel model", type(model).__name__) from e
+                if quantization not in (None, "none"):
+                    from ..models.quant import quantize_model
+
+                    quantize_model(self.model, quantization)
         self.name = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else
                              getattr(self.model.config, "architecture", type(self.model).__name__))
         self.tokenizer = tokenizer if tokenizer is not None else (tok_factory() if tok_factory else None)
