@@ -54,7 +54,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "them packed")
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
-                        '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')
+                        '"seconds", "tokens_per_s", "quantization"} (output: new tokens only; text null without a '
+                        'tokenizer; quantization: what runs packed)')
 
 
 def _count(text: str) -> int:
