@@ -331,6 +331,9 @@ def quantize_rtn(w_NK: torch.Tensor, fmt: str, group_size: Optional[int] = 128, 
         levels = 15.0 if fmt == "int4" else 255.0
         lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
         s = ((hi - lo) / levels).clamp_min(tiny).to(scale_dtype)
+        # a scale rounded down would push the top of the range past the last level: round it up instead
+        low = s.float() * levels < hi - lo
+        s = torch.where(low, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
         z = torch.round(-lo / s.float()).clamp(0, levels)
         q = torch.round(w / s.float()[..., None] + z[..., None]).clamp(0, levels)
         if fmt == "int8":
