@@ -20,7 +20,7 @@ Dequantization is exact: :func:`dequantize` computes every weight in float64 fro
 are small integers times float16 scales), and the reference multiplies those exact values in float64.
 
 **Preparation** (the build-time half of the contract). A backend may keep its own layout of the weight (torch's
-CPU int4 tiles, a Triton-friendly transposition): the kernel that ``build(spec)`` returns may carry a
+CPU int4 tiles, a GPU-friendly transposition): the kernel that ``build(spec)`` returns may carry a
 ``prepare(weight: QuantizedWeight) -> object`` attribute and a ``layout`` string. :meth:`WeightOnlyGemm.prepare`
 validates the canonical weight (naming the argument) and calls it **once**, when the model is loaded; the result
 is wrapped in a :class:`PreparedWeight` tagged with the layout. A kernel without ``prepare`` receives the
