@@ -51,7 +51,8 @@ from .validation import FLOAT_DTYPES, check_tensor, dtype_name
 
 __all__ = ["WEIGHT_FORMATS", "WeightFormat", "QuantizedWeight", "PreparedWeight", "WeightOnlyGemmSpec",
            "WeightOnlyGemmCapability", "WeightOnlyGemm", "weight_only_gemm_reference", "dequantize",
-           "dequantize_gguf_blocks", "quantize_rtn", "Decomposed", "decompose", "group_count", "row_bytes", "GROUP_SIZES", "CANONICAL_LAYOUT"]
+           "dequantize_gguf_blocks", "quantize_rtn", "Decomposed", "decompose", "group_count", "row_bytes",
+           "GROUP_SIZES", "CANONICAL_LAYOUT"]
 
 OP = "weight_only_gemm"
 #: The layout of a weight no backend repacked (the :class:`QuantizedWeight` itself).

@@ -26,8 +26,7 @@ import torch
 
 from ..core.backend import Backend
 from ..core.errors import InvalidArgumentError
-from ..core.weight_only import (WEIGHT_FORMATS, QuantizedWeight, WeightOnlyGemm, WeightOnlyGemmSpec, quantize_rtn,
-                                row_bytes)
+from ..core.weight_only import WEIGHT_FORMATS, QuantizedWeight, WeightOnlyGemm, WeightOnlyGemmSpec, quantize_rtn
 from .layers import Linear
 
 __all__ = ["QuantizedLinear", "QuantScheme", "SCHEMES", "register_scheme", "quantize_model", "pack_from_gguf",
@@ -217,6 +216,3 @@ def describe_quantization(model: Any) -> str:
             f"({', '.join(f'{n} {f}' for f, n in sorted(fmts.items()))}; {nbytes / 2**20:.1f} MiB), kernels "
             f"{', '.join(sorted(kernels))}")
 
-
-def _check(qw: QuantizedWeight) -> None:  # pragma: no cover - documentation of the invariant
-    assert qw.data.shape[1] == row_bytes(qw.format, qw.shape[1])

@@ -38,7 +38,8 @@ def _pow2(shape, g: torch.Generator, lo: int, hi: int) -> torch.Tensor:
 
 
 def random_weight(fmt: str, n: int, k: int, g: torch.Generator, group_size: Optional[int] = None,
-                  zeros: bool = False, scale_dtype: torch.dtype = torch.float16, exact: bool = False) -> QuantizedWeight:
+                  zeros: bool = False, scale_dtype: torch.dtype = torch.float16,
+                  exact: bool = False) -> QuantizedWeight:
     """A random weight in ``fmt``'s canonical layout; ``exact``: power-of-two scales and codes keeping every
     dequantized value within 8 significant bits (representable in bf16, every product exact)."""
     f = WEIGHT_FORMATS[fmt]
@@ -66,7 +67,10 @@ def random_weight(fmt: str, n: int, k: int, g: torch.Generator, group_size: Opti
     if fmt == "q4_0":
         rb[..., 0:2] = _f16_bytes(d)
     elif fmt == "q4_1":
-        m = -torch.randint(0, 16, (n, nb), generator=g).float() * d if exact else -(torch.rand(n, nb, generator=g)) * 8 * d
+        if exact:
+            m = -torch.randint(0, 16, (n, nb), generator=g).float() * d
+        else:
+            m = -torch.rand(n, nb, generator=g) * 8 * d
         rb[..., 0:2], rb[..., 2:4] = _f16_bytes(d), _f16_bytes(m)
     elif fmt == "q8_0":
         rb[..., 0:2] = _f16_bytes(d / 32)
