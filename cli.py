@@ -4,6 +4,7 @@
   anyaccel explain OP --backend B [spec options]   which kernel a call selects, and why every other was rejected
   anyaccel conformance [--backend B]... [...]     the conformance suite: matrix, JSON/JUnit/Markdown, exit code
   anyaccel bench ops [--backend B] [--quick]      op benchmarks as ratios against torch on the same machine
+  anyaccel bench quant [--backend B] [--quick]    weight-only GEMM and packed decode vs bf16 (ratios)
   anyaccel serve MODEL [--port P]                 an OpenAI-compatible server (completions, chat, embeddings)
   anyaccel chat MODEL [--system S]                chat in the terminal, streaming, with history
   anyaccel embed MODEL TEXT...                    sentence embeddings of an encoder model
@@ -436,6 +437,11 @@ def cmd_bench_determinism(args: argparse.Namespace) -> int:
     from .bench import determinism as bench_det
 
     return bench_det.main(args, _backend(args.backend) if args.backend else _default_backend())
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    from .bench import quant as bench_quant
+
+    backend = _backend(args.backend) if args.backend else _default_backend()
+    return int(bench_quant.bench_quant_main(args, backend) or 0)
 
 
 def cmd_bench_ops(args: argparse.Namespace) -> int:
@@ -675,6 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bsub.add_parser("model", help="whole-model generation (SmolLM2-135M) vs transformers generate")
     add_bench_model_arguments(bm)
     bm.set_defaults(func=cmd_bench_model)
+
+    from .bench.quant import add_bench_quant_arguments
+
+    bq = bsub.add_parser("quant", help="weight-only quantized GEMM (M=1) and packed SmolLM2 decode vs bf16")
+    add_bench_quant_arguments(bq)
+    bq.set_defaults(func=cmd_bench_quant)
 
     g = sub.add_parser("generate", help="generate tokens with a model on a backend")
     add_generate_arguments(g)

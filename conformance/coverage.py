@@ -19,6 +19,7 @@ reshape_and_cache   ``plain slots`` and ``padding slots`` (the contract)    a sl
 gemm                ``bias``, ``no bias``; ``out_dtype=X`` per declared     ``spec.has_bias``, ``spec.out_dtype``
                     ``out_dtypes`` other than the input dtype
 grouped_gemm        ``mode=X`` per declared mode                            ``spec.mode``
+weight_only_gemm    ``format=X`` per declared format (all when ``None``)     ``spec.format``
 rms_norm            ``plain``; ``fused residual`` when declared             ``spec.fused_residual``
 layer_norm          ``no bias``; ``bias`` when declared                     ``spec.has_bias``
 rotary_embedding    ``style=X`` per declared style; ``full rotary``;        ``spec.style``, ``rotary_dim``; the
@@ -116,6 +117,12 @@ def _rotary_exercised(case: OpCase, inputs: Mapping[str, Any]) -> FrozenSet[str]
     return frozenset(f | (scaled or {"unscaled"}))
 
 
+def _all_weight_formats():
+    from ..core.weight_only import WEIGHT_FORMATS
+
+    return tuple(WEIGHT_FORMATS)
+
+
 RULES: Dict[str, FeatureRule] = {
     "attention": FeatureRule(_attention_declared, _attention_exercised,
                              "an attention case whose spec needs the feature (AttentionSpec.features)"),
@@ -126,6 +133,10 @@ RULES: Dict[str, FeatureRule] = {
     "grouped_gemm": FeatureRule(lambda cap, dt: frozenset(f"mode={m}" for m in getattr(cap, "modes", ())),
                                 lambda case, inp: frozenset({f"mode={case.spec.mode}"}),
                                 "a grouped_gemm case in that group encoding"),
+    "weight_only_gemm": FeatureRule(
+        lambda cap, dt: frozenset(f"format={f}" for f in (getattr(cap, "formats", None) or _all_weight_formats())),
+        lambda case, inp: frozenset({f"format={case.spec.format}"}),
+        "a weight_only_gemm case in that weight format"),
     "rms_norm": FeatureRule(
         lambda cap, dt: frozenset({"plain"} | ({"fused residual"} if getattr(cap, "fused_residual", False)
                                                else set())),

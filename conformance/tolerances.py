@@ -121,6 +121,11 @@ _EXACT_Q = Tolerance(0.0, 0.0)
 TABLE: Dict[str, Dict[torch.dtype, Tolerance]] = {
     # y = x @ w.T + b. acc_mag = sqrt(K) * (|x| @ |w|^T + |b|); nothing rounded mid-way.
     "gemm": _row(),
+    # y = x @ dequantize(w).T + b (weight-only quantized). Dequantization is exact; the contract allows the
+    # dequantized weight, its scale and its offset to be rounded to the activation dtype once before the product
+    # (tensor cores and torch's packed CPU kernels need it): mid_mag = |x| @ (|w| + |offset|)^T, 2 roundings.
+    # acc_mag = sqrt(K) * (|x| @ |w|^T + |b|) as for gemm.
+    "weight_only": _row(mid_units=2.0),
     # out = softmax(s) v. mid_mag = (1 + 2 max|s_j|) sum_j p_j |v_j| (probabilities and scores rounded once);
     # acc_mag = (sqrt(L) + 2 sqrt(D) * max_j |scale| |q| . |k_j|) * sum_j p_j |v_j| (P.V and Q.K in fp32).
     "attention": _row(mid_units=1.0),

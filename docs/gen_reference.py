@@ -104,6 +104,13 @@ KERNELS: Dict[str, KernelContract] = {
         "`None` (ignored)",
         "writes the quantized values, the float32 scales ([1], [M, 1] or [M, ceil(K/B)]) and, for asymmetric "
         "int8, the int32 zero points, by the rule in `core/scaled_gemm.py`."),
+    "weight_only_gemm": KernelContract(
+        ("x_MK", "packed", "bias_N | None", "out_MN"), ("out_MN",), _IGNORED.format("out_MN"),
+        "`packed` is what the kernel's own `prepare(weight)` returned when the weight was loaded (the canonical "
+        "`QuantizedWeight` when the kernel has no `prepare`); `out = x @ dequantize(w).T + b`, float32 "
+        "accumulation; the dequantized weight, its scale and offset may be rounded once to `spec.dtype`. "
+        "Optional kernel attributes: `prepare(weight: QuantizedWeight) -> packed` (called once per weight by "
+        "`WeightOnlyGemm.prepare`, never per call) and `layout: str` (the name of what it returns)."),
 }
 
 #: The capability class each op's kernels declare (checked against the built-in backends' kernels by the test).
@@ -112,7 +119,7 @@ CAPABILITY_OF: Dict[str, str] = {
     "reshape_and_cache": "AttentionCapability", "rms_norm": "NormCapability", "layer_norm": "NormCapability",
     "rotary_embedding": "RotaryCapability", "silu_and_mul": "GatedActivationCapability",
     "gelu_and_mul": "GatedActivationCapability", "scaled_gemm": "ScaledGemmCapability",
-    "quantize_activation": "QuantizeCapability",
+    "quantize_activation": "QuantizeCapability", "weight_only_gemm": "WeightOnlyGemmCapability",
 }
 
 #: For each attention feature: the AttentionSpec change that implies it, as (field, value, text). The renderer

@@ -46,12 +46,21 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="forbid falling back to the core's native ops")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant kernels only: a sequence's logits do not depend on the batch around it")
-    p.add_argument("--json", action="store_true",
-                   help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
-                        '"seconds", "tokens_per_s"} (output: new tokens only; text null without a tokenizer)')
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
                    help="tensor parallel size: shard the model over N processes started by torchrun "
                         "(torchrun --nproc-per-node N -m anyaccel generate ... --tp N); only rank 0 prints")
+    p.add_argument("--quantization", default=None, choices=("none", "int4", "int8"),
+                   help="quantize the linear layers' weights on the fly (round to nearest; int4: symmetric group "
+                        "128, int8: symmetric per-channel; the LM head stays float) and run them packed; 'none' "
+                        "runs float weights. Default: a GGUF file's own quantized blocks run packed, other "
+                        "checkpoints run float")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantize a GGUF file's blocks to --dtype at load (the float path) instead of running "
+                        "them packed")
+    p.add_argument("--json", action="store_true",
+                   help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
+                        '"seconds", "tokens_per_s", "quantization"} (output: new tokens only; text null without a '
+                        'tokenizer; quantization: what runs packed)')
 
 
 def _count(text: str) -> int:
@@ -77,16 +86,34 @@ def parse_prompt_ids(text: str) -> List[int]:
 
 
 def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool = False,
-                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None, comm: Any = None
+                          builtins: Optional[Mapping[str, Callable[[], Any]]] = None, comm: Any = None,
+                          quantization: Optional[str] = None, dequantize: bool = False,
                           ) -> Tuple[Any, Optional[Callable[[], Any]]]:
     """``(model, tokenizer_factory or None)`` for ``--model name``.
 
     The tokenizer is built lazily (``tokenizer_factory()``): only ``--prompt`` and decoding need it. With
     ``comm`` (a Communicator of a tensor-parallel group) the model is sharded over its ranks
-    (:mod:`anyaccel.models.parallel`), each rank reading only its slices.
+    (:mod:`anyaccel.models.parallel`), each rank reading only its slices (float weights; an on-the-fly
+    ``quantization`` is applied to each rank's shards).
+    ``quantization``: ``None`` (a GGUF file's quantized blocks run packed unless ``dequantize``; other
+    checkpoints float), ``"none"`` (float weights everywhere) or a scheme of ``models.quant.SCHEMES`` (``int4``,
+    ``int8``: round to nearest from the float weights, packed).
     """
+    from .quant import SCHEMES, quantize_model
+
+    if quantization not in (None, "none") and quantization not in SCHEMES:
+        raise GenerateError(f"--quantization {quantization!r}: expected none or one of {', '.join(SCHEMES)}")
     if comm is not None and comm.world_size > 1:
-        return _tensor_parallel_model(name, backend, dtype, strict, builtins or {}, comm)
+        model, tok = _tensor_parallel_model(name, backend, dtype, strict, builtins or {}, comm)
+    else:
+        model, tok = _load_generation_model(name, backend, dtype, strict=strict, builtins=builtins,
+                                            packed=quantization is None and not dequantize)
+    if quantization not in (None, "none"):
+        quantize_model(model, quantization)
+    return model, tok
+
+
+def _load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool, builtins, packed: bool):
     from . import real
     from .base import build_model
     from .gguf import build_gguf_model
@@ -98,10 +125,10 @@ def load_generation_model(name: str, backend: Any, dtype: Any, *, strict: bool =
             raise GenerateError(f"model '{name}' is unavailable: {ck.reason}")
         if ck.kind != "gguf":
             return _hf_dir(ck.path, backend, dtype, strict)
-        model, gg = build_gguf_model(ck.path, backend, dtype, strict=strict)
+        model, gg = build_gguf_model(ck.path, backend, dtype, strict=strict, dequantize=not packed)
         return model, gg.tokenizer
     if os.path.isfile(name) and name.endswith(".gguf"):
-        model, gg = build_gguf_model(name, backend, dtype, strict=strict)
+        model, gg = build_gguf_model(name, backend, dtype, strict=strict, dequantize=not packed)
         return model, gg.tokenizer
     if os.path.isdir(name):
         return _hf_dir(name, backend, dtype, strict)
@@ -193,13 +220,16 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
 
 def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any, seed: Optional[int], comm: Any
               ) -> int:
+    from .quant import describe_quantization
     from .runner import Engine
     from .sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=seed)
     model, tok_factory = load_generation_model(args.model, backend, dtype, strict=getattr(args, "strict", False),
-                                               builtins=builtins, comm=comm)
+                                               builtins=builtins, comm=comm,
+                                               quantization=getattr(args, "quantization", None),
+                                               dequantize=getattr(args, "dequantize", False))
     if not model.is_causal:
         raise GenerateError(f"--model {args.model!r} is an encoder ({model.config.architecture}); it has no "
                             f"next-token head to generate with")
@@ -234,7 +264,8 @@ def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any,
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
                           "prompt_ids": prompt_ids, "output_ids": out, "text": text, "finish_reason": finish_reason,
-                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None}))
+                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None,
+                          "quantization": describe_quantization(model)}))
         return 0
     print(text if text is not None else " ".join(str(t) for t in out))
     if finish_reason == "length":
@@ -255,8 +286,14 @@ def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] 
                     if isinstance(ck, real.RealCheckpoint) else
                     {"status": "missing", "reason": ck.reason, "package": ck.package})
     names = sorted(builtins) if builtins else []
+    from ..core.weight_only import WEIGHT_FORMATS
+    from .quant import SCHEMES
+
+    quant = {"schemes": {n: s.description for n, s in SCHEMES.items()},
+             "gguf_packed_formats": [f for f, d in WEIGHT_FORMATS.items() if d.gguf]}
     if getattr(args, "json", False):
-        print(json.dumps({"families": fams, "builtin_models": names, "real_checkpoints": reals}, indent=2))
+        print(json.dumps({"families": fams, "builtin_models": names, "real_checkpoints": reals,
+                          "quantization": quant}, indent=2))
         return 0
     print("families (HF architectures they serve):")
     for cls, archs in fams.items():
@@ -267,4 +304,6 @@ def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] 
     for n, r in reals.items():
         where = r.get("path") or r.get("reason")
         print(f"  {n}: {r['status']} ({where})")
+    print("quantization (--quantization): " + "; ".join(f"{n}: {d}" for n, d in quant["schemes"].items()))
+    print("GGUF blocks run packed (--dequantize for float): " + ", ".join(quant["gguf_packed_formats"]))
     return 0

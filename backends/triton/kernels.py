@@ -16,6 +16,7 @@ from ...core.attention import ATTENTION_FEATURES, AttentionCapability
 from ...core.dispatch import KernelImpl
 from ...core.fused import GatedActivationCapability, NormCapability, RotaryCapability
 from ...core.gemm import GemmCapability, GroupedGemmCapability
+from ...core.weight_only import WeightOnlyGemmCapability
 from .tuning import TritonTuning, batch_invariant_tuning
 
 __all__ = ["make_kernels", "ShapeRangeGemmCapability", "FLOATS", "PRIORITY"]
@@ -76,7 +77,7 @@ def make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
 
 def _make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
                   gemm_min_features: Optional[int] = None, priority: int = PRIORITY) -> List[KernelImpl]:
-    from . import attention, fused, gemm
+    from . import attention, fused, gemm, weight_only
 
     lim = tuning.limits
     dt = frozenset(lim.dtypes)
@@ -96,6 +97,11 @@ def _make_kernels(backend_name: str, tuning: TritonTuning, interpret: bool, *,
         k("grouped_gemm", "grouped_gemm", lambda spec: gemm.build_grouped_gemm(spec, t, interpret),
           GroupedGemmCapability(dtypes=dt, max_experts=lim.max_experts),
           "grouped (MoE) GEMM: each row tile walks the experts its rows use"),
+        k("weight_only_gemm", "weight_only_gemm",
+          lambda spec: weight_only.build_weight_only_gemm(spec, t, interpret),
+          WeightOnlyGemmCapability(dtypes=dt, min_k_multiple=32),
+          "weight-only GEMM, every format: integer codes dequantized in-kernel, per-chunk scale and offset in the "
+          "fp32 accumulator"),
         k("rms_norm", "rms_norm", lambda spec: fused.build_rms_norm(spec, t, interpret),
           NormCapability(dtypes=dt, max_hidden_size=lim.max_hidden_size, fused_residual=True),
           "one-pass RMSNorm with the residual add fused"),

@@ -26,7 +26,8 @@ __all__ = ["Mutant", "CATALOG", "register", "catalog", "get", "mutant_backend", 
 ALL_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 #: The modules that register mutants, imported by :func:`catalog`.
-MUTANT_MODULES = ("attention", "gemm", "grouped_gemm", "fused", "models", "collectives", "scaled_gemm")
+MUTANT_MODULES = ("attention", "gemm", "grouped_gemm", "fused", "models", "collectives", "scaled_gemm",
+                  "weight_only")
 
 
 @dataclass(frozen=True)

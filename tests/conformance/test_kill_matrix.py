@@ -24,7 +24,7 @@ from anyaccel.conformance.mutants._kit import twin
 from anyaccel.core.validation import dtype_name
 
 #: the op families whose mutants this file runs (model and collective mutants have their own tests)
-OP_FAMILIES = ("gemm", "grouped_gemm", "attention", "fused")
+OP_FAMILIES = ("gemm", "grouped_gemm", "attention", "fused", "weight_only")
 KILL_STATUSES = ("fail",)
 
 _OP_MUTANTS = [m for m in catalog() if m.family in OP_FAMILIES]

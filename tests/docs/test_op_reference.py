@@ -24,6 +24,7 @@ from anyaccel.conformance import runner
 from anyaccel.core import attention as attn
 from anyaccel.core import fused, gemm
 from anyaccel.core import scaled_gemm as sg
+from anyaccel.core import weight_only as wo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "op-reference.md"
@@ -215,7 +216,15 @@ def _calls(op_id):
                           torch.ones(5, 1), None, torch.zeros(1, dtype=torch.int32)))],
         "quantize_activation": [(sg.QuantizeSpec(F32), (r(3, 8),)),
                                 (sg.QuantizeSpec(F32, symmetric=False), (r(2, 3, 8),))],
+        "weight_only_gemm": [
+            (wo.WeightOnlyGemmSpec(F32, "int4", 64, 16, 32, has_bias=True), (r(3, 64), _prepared(), r(16))),
+            (wo.WeightOnlyGemmSpec(F32, "int4", 64, 16, 32), (r(2, 3, 64), _prepared()))],
     }[op_id]
+
+
+def _prepared():
+    qw = wo.quantize_rtn(torch.randn(16, 64), "int4", 32)
+    return wo.PreparedWeight(qw, wo.CANONICAL_LAYOUT, qw)
 
 
 def _storage(t):

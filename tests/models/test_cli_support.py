@@ -29,7 +29,8 @@ def test_generate_json_matches_transformers(parser, cpu_backend, builtins, refer
     assert generate_main(args, cpu_backend, builtins) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", "seconds",
-                        "tokens_per_s"}
+                        "tokens_per_s", "quantization"}
+    assert out["quantization"] == "float weights (no quantization)"
     assert out["text"] is None  # the tiny model has no tokenizer
     n = len(out["output_ids"])
     assert out["finish_reason"] == ("length" if n == 6 else "stop")
