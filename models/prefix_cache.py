@@ -196,6 +196,11 @@ class PrefixCachingAllocator:
                 self._empty.append(b)
 
     # -- caching ----------------------------------------------------------------------------------------------
+    def hash_blocks(self, token_ids: Sequence[int], extra: Sequence[object],
+                    hashes: Optional[List[BlockHash]] = None) -> List[BlockHash]:
+        """The keys of ``token_ids``' full blocks (:func:`hash_block_tokens`), continuing ``hashes`` in place."""
+        return hash_block_tokens(token_ids, self.block_size, extra, hashes)
+
     def match(self, hashes: Sequence[BlockHash], num_tokens: int) -> List[int]:
         """The blocks of the longest cached prefix of ``hashes`` (the keys of a sequence of ``num_tokens`` tokens),
         capped so that at least the last token is left to compute; takes one reference on each."""

@@ -34,7 +34,7 @@ from ..core.attention import AttentionMetadata
 from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
 from .config import check_memory
-from .prefix_cache import PrefixCachingAllocator, engine_extra_keys, hash_block_tokens
+from .prefix_cache import PrefixCachingAllocator, engine_extra_keys
 from .sampling import Sampler, SamplingParams, make_generator
 
 __all__ = ["Engine", "EngineStats", "OutOfKVBlocksError"]
@@ -249,7 +249,7 @@ class Engine:
     def _match_prefix(self, s: _Seq) -> None:
         """Start a sequence with no blocks from the longest cached run of its full blocks."""
         toks = s.tokens
-        hash_block_tokens(toks, self.block_size, self.prefix_extra_keys, s.block_hashes)
+        self.prefix_cache.hash_blocks(toks, self.prefix_extra_keys, s.block_hashes)
         hit = self.prefix_cache.match(s.block_hashes, len(toks))
         s.blocks = list(hit)
         s.num_registered = len(hit)
@@ -260,7 +260,8 @@ class Engine:
         full = s.num_computed // self.block_size
         if full <= s.num_registered:
             return
-        hash_block_tokens(s.tokens[:full * self.block_size], self.block_size, self.prefix_extra_keys, s.block_hashes)
+        self.prefix_cache.hash_blocks(s.tokens[:full * self.block_size], self.prefix_extra_keys,
+                                      s.block_hashes)
         for i in range(s.num_registered, full):
             self.prefix_cache.register(s.blocks[i], s.block_hashes[i])
         s.num_registered = full
