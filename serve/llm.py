@@ -183,12 +183,15 @@ class LLM:
     :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
         most (longer prompts are prefilled in chunks that share steps with decode).
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
+    :param prefix_caching: reuse the KV blocks of prompt prefixes already computed (default on; see
+        :mod:`anyaccel.models.prefix_cache`).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
-                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
+                 prefix_caching: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..models.base import build_model, parse_dtype
         from ..models.cli_support import load_generation_model
@@ -228,7 +231,9 @@ class LLM:
             if num_blocks is None and kv_cache_bytes is None:
                 kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
             self.engine = Engine(self.model, kv_budget_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                 prefix_caching=prefix_caching,
+                                 prefix_cache_key=os.fspath(model) if isinstance(model, (str, os.PathLike)) else None)
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str):
