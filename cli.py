@@ -461,6 +461,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    from .bench import prefix as bench_prefix
+
+    try:
+        return int(bench_prefix.bench_prefix_main(args, builtins=_builtin_models()) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def collect_env() -> Dict[str, Any]:
     """What a bug report needs: versions, platform, backends (with their devices and why one is unavailable),
     plugins, quarantined plugins, and the kernel ``explain`` picks for a few common ops on the default backend."""
@@ -654,6 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="load a server: request throughput, output tok/s, TTFT and ITL percentiles")
     add_bench_serve_arguments(bs)
     bs.set_defaults(func=cmd_bench_serve)
+    from .bench.prefix import add_bench_prefix_arguments
+
+    bp = bsub.add_parser("prefix", help="prefix caching on a shared-prefix chat workload: TTFT and prefill tokens, "
+                                        "cache on vs off")
+    add_bench_prefix_arguments(bp)
+    bp.set_defaults(func=cmd_bench_prefix)
 
     m = sub.add_parser("models", help="registered model families, built-in tiny models and real checkpoints")
     m.add_argument("--json", action="store_true")
