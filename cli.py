@@ -470,6 +470,15 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
+    from .bench import kv_transfer as bench_kv
+
+    try:
+        return int(bench_kv.bench_kv_transfer_main(args) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def collect_env() -> Dict[str, Any]:
     """What a bug report needs: versions, platform, backends (with their devices and why one is unavailable),
     plugins, quarantined plugins, and the kernel ``explain`` picks for a few common ops on the default backend."""
@@ -669,6 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "cache on vs off")
     add_bench_prefix_arguments(bp)
     bp.set_defaults(func=cmd_bench_prefix)
+    from .bench.kv_transfer import add_bench_kv_transfer_arguments
+
+    bk = bsub.add_parser("kv-transfer", help="KV-transfer tiers (host, disk) vs a raw copy of the same bytes")
+    add_bench_kv_transfer_arguments(bk)
+    bk.set_defaults(func=cmd_bench_kv_transfer)
 
     m = sub.add_parser("models", help="registered model families, built-in tiny models and real checkpoints")
     m.add_argument("--json", action="store_true")
