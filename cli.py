@@ -479,6 +479,15 @@ def cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from .serve import router
+
+    try:
+        return int(router.route_main(args) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def collect_env() -> Dict[str, Any]:
     """What a bug report needs: versions, platform, backends (with their devices and why one is unavailable),
     plugins, quarantined plugins, and the kernel ``explain`` picks for a few common ops on the default backend."""
@@ -664,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="sentence embeddings of texts with an encoder model (e.g. minilm)")
     add_embed_arguments(em)
     em.set_defaults(func=cmd_embed)
+    from .serve.router import add_route_arguments
+
+    rt = sub.add_parser("route", help="a cache-aware router in front of N servers (needs anyaccel[serve])")
+    add_route_arguments(rt)
+    rt.set_defaults(func=cmd_route)
     ce = sub.add_parser("collect-env", help="versions, devices, plugins and kernel picks, for bug reports")
     ce.add_argument("--json", action="store_true")
     ce.set_defaults(func=cmd_collect_env)

@@ -220,3 +220,29 @@ def build_router_app(servers: Sequence[str], *, chunk: int = 64, capacity: int =
         return {"cache_aware": router.cache_aware, "chunk": router.chunk, "servers": router.stats()}
 
     return app
+
+
+def add_route_arguments(p) -> None:
+    p.add_argument("--server", dest="servers", action="append", required=True, metavar="URL",
+                   help="an upstream anyaccel (or any OpenAI-compatible) server; repeat for each")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--chunk", type=int, default=64,
+                   help="prompt tokens (or characters of a text prompt) per index key (default 64)")
+    p.add_argument("--capacity", type=int, default=1 << 16, help="index keys kept per server (default 65536)")
+    p.add_argument("--round-robin", dest="round_robin", action="store_true",
+                   help="plain round robin (the baseline), no cache awareness")
+
+
+def route_main(args) -> int:
+    from .app import serve_forever
+
+    if args.chunk < 1 or args.capacity < 1:
+        raise ValueError(f"--chunk and --capacity must be >= 1, received {args.chunk}, {args.capacity}")
+    app = build_router_app([s.rstrip("/") for s in args.servers], chunk=args.chunk, capacity=args.capacity,
+                           cache_aware=not args.round_robin)
+    serve_forever(app, args.host, args.port)
+    return 0
+
+
+__all__ += ["add_route_arguments", "route_main"]

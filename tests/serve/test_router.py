@@ -123,3 +123,12 @@ def test_proxy_over_two_loopback_servers(cpu_backend, reference_models, char_tok
     finally:
         for u in ups:
             u.stop()
+
+
+def test_route_command_arguments(capsys):
+    from anyaccel.cli import build_parser, main
+
+    a = build_parser().parse_args(["route", "--server", "http://a:1", "--server", "http://b:2", "--chunk", "32"])
+    assert a.servers == ["http://a:1", "http://b:2"] and a.chunk == 32 and not a.round_robin
+    assert main(["route", "--server", "http://a:1", "--chunk", "0"]) == 2
+    assert "--chunk" in capsys.readouterr().err
