@@ -184,7 +184,7 @@ def bench_case(backend: Any, dtype: torch.dtype, batch: int, prompt_len: int, ne
     P = ours.block_size
     blocks = batch * (-(-(prompt_len + new_tokens) // P)) + batch
     engine = Engine(ours, num_blocks=blocks, max_num_seqs=max(batch, 1),
-                    max_num_batched_tokens=max(batch * prompt_len, 256))
+                    max_num_batched_tokens=max(batch * prompt_len, 256), prefix_caching=False)  # raw prefill
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     ids = prompts.tolist()
 

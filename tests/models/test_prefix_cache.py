@@ -134,3 +134,14 @@ def test_engine_prefix_caching_argument(llama):
     # the keys name the model: another checkpoint name gives other keys
     e2 = Engine(llama, num_blocks=8, prefix_cache_key="other")
     assert e2.prefix_extra_keys != e.prefix_extra_keys
+
+
+def test_reset_forgets_unused_blocks_only():
+    a = PrefixCachingAllocator(4, P)
+    keys = hash_block_tokens(list(range(12)), P, EXTRA)
+    blocks = a.allocate(3)
+    for b, k in zip(blocks, keys):
+        a.register(b, k)
+    a.free(blocks[1:])
+    assert a.reset() == 2 and a.num_cached == 1 and a.num_free == 3
+    assert a.lookup(keys[0]) == blocks[0] and a.lookup(keys[1]) is None
