@@ -489,6 +489,33 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    from .bench import prefix as bench_prefix
+
+    try:
+        return int(bench_prefix.bench_prefix_main(args, builtins=_builtin_models()) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_bench_kv_transfer(args: argparse.Namespace) -> int:
+    from .bench import kv_transfer as bench_kv
+
+    try:
+        return int(bench_kv.bench_kv_transfer_main(args) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .serve import router
+
+    try:
+        return int(router.route_main(args) or 0)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def collect_env() -> Dict[str, Any]:
     """What a bug report needs: versions, platform, backends (with their devices and why one is unavailable),
     plugins, quarantined plugins, and the kernel ``explain`` picks for a few common ops on the default backend."""
@@ -703,6 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="sentence embeddings of texts with an encoder model (e.g. minilm)")
     add_embed_arguments(em)
     em.set_defaults(func=cmd_embed)
+    from .serve.router import add_route_arguments
+
+    rt = sub.add_parser("route", help="a cache-aware router in front of N servers (needs anyaccel[serve])")
+    add_route_arguments(rt)
+    rt.set_defaults(func=cmd_route)
     ce = sub.add_parser("collect-env", help="versions, devices, plugins and kernel picks, for bug reports")
     ce.add_argument("--json", action="store_true")
     ce.set_defaults(func=cmd_collect_env)
@@ -711,6 +743,17 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="load a server: request throughput, output tok/s, TTFT and ITL percentiles")
     add_bench_serve_arguments(bs)
     bs.set_defaults(func=cmd_bench_serve)
+    from .bench.prefix import add_bench_prefix_arguments
+
+    bp = bsub.add_parser("prefix", help="prefix caching on a shared-prefix chat workload: TTFT and prefill tokens, "
+                                        "cache on vs off")
+    add_bench_prefix_arguments(bp)
+    bp.set_defaults(func=cmd_bench_prefix)
+    from .bench.kv_transfer import add_bench_kv_transfer_arguments
+
+    bk = bsub.add_parser("kv-transfer", help="KV-transfer tiers (host, disk) vs a raw copy of the same bytes")
+    add_bench_kv_transfer_arguments(bk)
+    bk.set_defaults(func=cmd_bench_kv_transfer)
 
     m = sub.add_parser("models", help="registered model families, built-in tiny models and real checkpoints")
     m.add_argument("--json", action="store_true")

@@ -26,7 +26,8 @@ def _engine_run(model: Any, prompts: List[List[int]], new_tokens: int) -> Dict[s
     P = model.block_size
     blocks = sum(-(-(len(p) + new_tokens) // P) for p in prompts) + len(prompts)
     eng = Engine(model, num_blocks=blocks, max_num_seqs=len(prompts),
-                 max_num_batched_tokens=max(256, sum(len(p) for p in prompts)))
+                 max_num_batched_tokens=max(256, sum(len(p) for p in prompts)),
+                 prefix_caching=False)
     eng.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     st = eng.stats
     return {"prefill": st.prefill_tokens / st.prefill_seconds if st.prefill_seconds else 0.0,

@@ -123,7 +123,7 @@ def run_decode(backend: Any, quick: bool = False, batches: Sequence[int] = (1, 8
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(b)]
         blocks = b * (-(-(prompt_len + new_tokens) // models["bf16"].block_size) + 1) + 4
-        engines = {k: Engine(m, num_blocks=blocks, max_num_seqs=b) for k, m in models.items()}
+        engines = {k: Engine(m, num_blocks=blocks, max_num_seqs=b, prefix_caching=False) for k, m in models.items()}
         long_p = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True) if _has_ignore_eos() else \
             SamplingParams(max_new_tokens=new_tokens)
         short_p = SamplingParams(max_new_tokens=1)

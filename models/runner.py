@@ -14,6 +14,11 @@ re-prefilled) when blocks free up. Nothing is ever written into a block another 
 ``preemption=False`` running out of blocks raises :class:`OutOfKVBlocksError` instead. A sequence that could
 not fit even alone is refused up front, before anything runs.
 
+Prefix caching (on by default, ``prefix_caching=False`` turns it off): every full block a sequence computed is
+kept under a chained content hash (:mod:`anyaccel.models.prefix_cache`); a sequence admitted later starts from
+the longest cached run of its blocks (shared by reference count, never written) and computes only the rest.
+Cached blocks nobody uses count as free and are evicted least recently used first.
+
 Shape legend: T tokens of a step (packed), S sequences in the step, V vocabulary, H hidden size.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..core.attention import AttentionMetadata
 from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
 from .config import check_memory
+from .prefix_cache import PrefixCachingAllocator, engine_extra_keys
 from .sampling import Sampler, SamplingParams, make_generator
 from .step_inputs import upload_step
 
@@ -56,6 +62,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     preemptions: int = 0
     peak_blocks: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not computed)
 
 
 @dataclass(eq=False)
@@ -68,6 +75,8 @@ class _Seq:
     blocks: List[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in this sequence's blocks
     recomputing: bool = False  # preempted: its next prefill re-creates the cache of prompt + output
+    block_hashes: List[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
+    num_registered: int = 0  # leading blocks already offered to the prefix cache
 
     @property
     def tokens(self) -> List[int]:
@@ -93,11 +102,16 @@ class Engine:
     :param max_num_batched_tokens: at most this many tokens go through one forward (longer prompts are
         prefilled in chunks).
     :param preemption: on running out of blocks, preempt and recompute (default) or raise.
+    :param prefix_caching: reuse the KV of full blocks already computed for the same prefix (default on);
+        ``False`` turns it off; a callable ``(num_blocks, block_size) -> PrefixCachingAllocator`` supplies the
+        block manager (tests plant bugs this way).
+    :param prefix_cache_key: names the weights in the cache keys (e.g. the checkpoint), so that keys exported to
+        another tier or process never match another model's blocks.
     """
 
     def __init__(self, model, kv_budget_bytes: Optional[int] = None, num_blocks: Optional[int] = None,
                  block_size: Optional[int] = None, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 preemption: bool = True) -> None:
+                 preemption: bool = True, prefix_caching=True, prefix_cache_key: Optional[str] = None) -> None:
         if not getattr(model, "is_causal", True):
             raise InvalidArgumentError(_OP, "model", "a causal decoder", f"{type(model).__name__} (an encoder)",
                                        "Encoders run through model.encode(...), not the generation engine")
@@ -133,7 +147,16 @@ class Engine:
         # The pool is compared with the memory budget before a byte of it is allocated.
         check_memory(f"a KV cache of {num_blocks} blocks x {per_block} bytes", num_blocks * per_block, model.device,
                      "lower num_blocks / kv_budget_bytes, or max_new_tokens")
-        self.allocator = BlockAllocator(num_blocks)
+        self.prefix_cache: Optional[PrefixCachingAllocator] = None
+        if prefix_caching is True:
+            self.prefix_cache = PrefixCachingAllocator(num_blocks, self.block_size)
+        elif callable(prefix_caching):
+            self.prefix_cache = prefix_caching(num_blocks, self.block_size)
+        elif prefix_caching is not False:
+            raise InvalidArgumentError(_OP, "prefix_caching", "True, False or a block-manager factory",
+                                       repr(prefix_caching))
+        self.prefix_extra_keys = engine_extra_keys(model, self.block_size, prefix_cache_key)
+        self.allocator = self.prefix_cache if self.prefix_cache is not None else BlockAllocator(num_blocks)
         self.kv_caches = model.allocate_kv_caches(num_blocks)
         self.sampler = Sampler()
         eos = getattr(model, "eos_token_id", None)
@@ -224,9 +247,29 @@ class Engine:
         s.blocks.extend(self.allocator.allocate(extra))
         return True
 
+    def _match_prefix(self, s: _Seq) -> None:
+        """Start a sequence with no blocks from the longest cached run of its full blocks."""
+        toks = s.tokens
+        self.prefix_cache.hash_blocks(toks, self.prefix_extra_keys, s.block_hashes)
+        hit = self.prefix_cache.match(s.block_hashes, len(toks))
+        s.blocks = list(hit)
+        s.num_registered = len(hit)
+        s.num_computed = len(hit) * self.block_size
+
+    def _register_blocks(self, s: _Seq) -> None:
+        """Offer the sequence's newly completed full blocks to the prefix cache."""
+        full = s.num_computed // self.block_size
+        if full <= s.num_registered:
+            return
+        self.prefix_cache.hash_blocks(s.tokens[:full * self.block_size], self.prefix_extra_keys,
+                                      s.block_hashes)
+        for i in range(s.num_registered, full):
+            self.prefix_cache.register(s.blocks[i], s.block_hashes[i])
+        s.num_registered = full
+
     def _preempt(self, s: _Seq, running: List[_Seq], waiting: Deque[_Seq]) -> None:
         self._free(s)
-        s.num_computed = 0
+        s.num_computed = s.num_registered = 0
         s.recomputing = True
         running.remove(s)
         waiting.appendleft(s)
@@ -256,9 +299,17 @@ class Engine:
                 budget -= q
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             s = waiting[0]
+            matched = 0
+            if self.prefix_cache is not None and not s.blocks:
+                self._match_prefix(s)
+                matched = s.num_computed
             q = min(s.num_tokens - s.num_computed, budget)
             if not self._grow(s, s.num_computed + q):
+                if matched or s.blocks:  # give the hit back: it is matched again at the next admission try
+                    self._free(s)
+                    s.num_computed = s.num_registered = 0
                 break
+            self.stats.prefix_hit_tokens += matched
             waiting.popleft()
             running.append(s)
             batch.append((s, q))
@@ -304,6 +355,8 @@ class Engine:
         hidden_TH = self.model.forward(input_ids_T, positions_T, self.kv_caches, meta)
         for s, q in batch:
             s.num_computed += q
+            if self.prefix_cache is not None:
+                self._register_blocks(s)
         used = self.num_blocks - self.allocator.num_free
         self.stats.peak_blocks = max(self.stats.peak_blocks, used)
         if sampled:

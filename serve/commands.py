@@ -28,6 +28,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together at most (default 16)")
     p.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=512,
                    help="tokens per engine step at most; longer prompts are prefilled in chunks (default 512)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="turn prefix caching off (on by default: the KV of prompt prefixes already computed is reused)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,7 +74,8 @@ def load_llm(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[
     return LLM(model or args.model, backend=args.backend, dtype=args.dtype, builtins=builtins,
                kv_cache_bytes=args.kv_cache_mib * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, name=name,
-               tensor_parallel_size=getattr(args, "tp", 1) if model is None else 1)
+               tensor_parallel_size=getattr(args, "tp", 1) if model is None else 1,
+               prefix_caching=getattr(args, "prefix_cache", True))
 
 
 def serve_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> int:

@@ -191,6 +191,8 @@ class LLM:
     :param quantization: ``None`` (a GGUF file's quantized blocks run packed, other checkpoints float),
         ``"none"`` (float weights), ``"int4"`` or ``"int8"`` (round-to-nearest weights run packed; see
         ``anyaccel.models.quant``).
+    :param prefix_caching: reuse the KV blocks of prompt prefixes already computed (default on; see
+        :mod:`anyaccel.models.prefix_cache`).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
@@ -198,7 +200,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
                  name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
                  deterministic: Optional[bool] = None, tensor_parallel_size: int = 1,
-                 quantization: Optional[str] = None) -> None:
+                 quantization: Optional[str] = None, prefix_caching: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..core.dispatch import deterministic_mode
         from ..models.base import build_model, parse_dtype
@@ -260,7 +262,9 @@ class LLM:
             if num_blocks is None and kv_cache_bytes is None:
                 kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
             self.engine = Engine(self.model, kv_budget_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                 prefix_caching=prefix_caching,
+                                 prefix_cache_key=os.fspath(model) if isinstance(model, (str, os.PathLike)) else None)
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str):

@@ -43,7 +43,8 @@ def run(req: dict) -> dict:
     P = model.block_size
     blocks = batch * (-(-(longest + n + 2) // P)) + batch
     engine = Engine(model, num_blocks=blocks, max_num_seqs=max(batch, 1),
-                    max_num_batched_tokens=max(batch * longest, 256))
+                    max_num_batched_tokens=max(batch * longest, 256),
+                    prefix_caching=False)  # raw prefill: the warm-up must not turn it into cache hits
     dev = _state["backend"].device
     mod = getattr(torch, dev.type, None) if dev.type != "cpu" else None
 
