@@ -37,6 +37,9 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=1000,
                    help="with --url: prompt ids are drawn below this (default 1000)")
     p.add_argument("--api-key", dest="api_key", help="with --url: the server's API key")
+    p.add_argument("--max-prefill-tokens-while-decoding", dest="max_prefill_tokens_while_decoding", type=int,
+                   default=None, help="in-process server: prompt tokens per engine step while others decode "
+                                      "(default: the LLM's default; 0: no cap, the whole budget)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
 
 
@@ -157,8 +160,11 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         from ..serve import LLM
         from ..serve.app import ServerThread, build_app
 
+        cap = getattr(args, "max_prefill_tokens_while_decoding", None)
+        extra = {} if cap is None else {"max_prefill_tokens_while_decoding": cap or None}
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=max(args.concurrency, 1),
-                  builtins=builtins)
+                  builtins=builtins, **extra)
+        report["max_prefill_tokens_while_decoding"] = llm.engine.max_prefill_tokens_while_decoding
         reqs = make_requests(args.num_requests, plen, olen, int(llm.model.config.vocab_size), args.seed)
         # Warm-up: one untimed pass over the same requests. The first time a batch shape is seen costs far more
         # than later ones (allocator growth, per-shape kernel setup), and the server pass would otherwise see

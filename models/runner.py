@@ -92,11 +92,15 @@ class Engine:
     :param max_num_batched_tokens: at most this many tokens go through one forward (longer prompts are
         prefilled in chunks).
     :param preemption: on running out of blocks, preempt and recompute (default) or raise.
+    :param max_prefill_tokens_while_decoding: while any sequence decodes, at most this many prompt tokens join a
+        step (chunked prefill), so admitting a long prompt lengthens each decode step by a bounded amount (the
+        inter-token latency tail) instead of by the whole prompt; ``None`` (default): only
+        ``max_num_batched_tokens`` bounds them. A step with no decode still prefills up to the full budget.
     """
 
     def __init__(self, model, kv_budget_bytes: Optional[int] = None, num_blocks: Optional[int] = None,
                  block_size: Optional[int] = None, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 preemption: bool = True) -> None:
+                 preemption: bool = True, max_prefill_tokens_while_decoding: Optional[int] = None) -> None:
         if not getattr(model, "is_causal", True):
             raise InvalidArgumentError(_OP, "model", "a causal decoder", f"{type(model).__name__} (an encoder)",
                                        "Encoders run through model.encode(...), not the generation engine")
@@ -123,6 +127,10 @@ class Engine:
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(_OP, name, "an int >= 1", v)
+        cap = max_prefill_tokens_while_decoding
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise InvalidArgumentError(_OP, "max_prefill_tokens_while_decoding", "None or an int >= 1", cap)
+        self.max_prefill_tokens_while_decoding = cap
         self.num_blocks = num_blocks
         self.bytes_per_block = per_block
         self.max_num_seqs = max_num_seqs
@@ -233,13 +241,21 @@ class Engine:
 
     def _schedule(self, waiting: Deque[_Seq], running: List[_Seq]) -> List[tuple]:
         budget = self.max_num_batched_tokens
+        # Prompt tokens allowed in this step: capped while some sequence decodes (one token left to feed).
+        cap = self.max_prefill_tokens_while_decoding
+        prefill_budget = budget
+        if cap is not None and any(s.num_tokens - s.num_computed == 1 for s in running):
+            prefill_budget = cap
         batch: List[tuple] = []  # (seq, q_len)
         for s in list(running):
             if s not in running:  # preempted while making room for an earlier one
                 continue
-            q = min(s.num_tokens - s.num_computed, budget)
+            left = s.num_tokens - s.num_computed
+            q = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
             if q <= 0:
-                break
+                if budget <= 0:
+                    break
+                continue  # a prompt chunk waits for the next step; decodes behind it still run
             while not self._grow(s, s.num_computed + q):
                 if not self.preemption:
                     raise OutOfKVBlocksError(
@@ -253,15 +269,20 @@ class Engine:
             else:
                 batch.append((s, q))
                 budget -= q
+                if left > 1:
+                    prefill_budget -= q
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             s = waiting[0]
-            q = min(s.num_tokens - s.num_computed, budget)
-            if not self._grow(s, s.num_computed + q):
+            left = s.num_tokens - s.num_computed
+            q = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
+            if q <= 0 or not self._grow(s, s.num_computed + q):
                 break
             waiting.popleft()
             running.append(s)
             batch.append((s, q))
             budget -= q
+            if left > 1:
+                prefill_budget -= q
         if not batch:
             # Unreachable with the up-front size check; kept so a logic error can never spin forever.
             raise OutOfKVBlocksError(f"no sequence could be scheduled with {self.allocator.num_free} of "

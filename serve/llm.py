@@ -23,16 +23,23 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..core.errors import AnyaccelError, InvalidArgumentError
+from ..models.detokenize import TextState
 from ..models.sampling import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "choose_backend",
-           "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES"]
+           "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES",
+           "DEFAULT_PREFILL_WHILE_DECODING"]
 
 _OP = "LLM"
 
 #: KV-cache memory when the caller gives neither ``kv_cache_bytes`` nor ``num_blocks`` (about 5,700 tokens of
 #: SmolLM2-135M in float32).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+#: Prompt tokens one engine step takes while other requests decode (chunked prefill). On 2 CPU cores with
+#: SmolLM2-135M a step of 8 decodes plus this many prompt tokens stays under twice a pure decode step, which keeps
+#: the p99 inter-token latency under load within 2x its median (see docs/serving.md, "Measuring").
+DEFAULT_PREFILL_WHILE_DECODING = 32
 
 Prompt = Union[str, Sequence[int]]
 
@@ -100,49 +107,6 @@ class StreamDelta:
     finish_reason: Optional[str]
 
 
-class TextState:
-    """Incremental detokenisation and stop strings for one request (shared by :class:`LLM` and the server).
-
-    Text is re-decoded from all generated tokens (a token's text can depend on its neighbours), a trailing
-    incomplete UTF-8 character (U+FFFD) is held back, and the text already handed out is never changed. A stop
-    string may straddle deltas, so a tail of the text that is the start of a stop string is held back until the
-    next token settles it.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.token_ids: List[int] = []
-        self.sent = ""  # text handed out so far
-        self.stopped = False
-
-    def push(self, new_ids: Sequence[int], final: bool = False) -> str:
-        """Add tokens; return the new text that may be handed out. Sets :attr:`stopped` on a stop string."""
-        self.token_ids.extend(new_ids)
-        if self.tokenizer is None or self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        for s in self.stop:
-            i = text.find(s, max(0, len(self.sent) - len(s)))
-            if i >= 0:
-                text = text[:i]
-                self.stopped = True
-        if not self.stopped and not final:
-            if text.endswith("\ufffd"):
-                text = text[:-1]
-            keep = 0  # the longest tail of the text that could still grow into a stop string
-            for stop in self.stop:
-                for k in range(min(len(stop) - 1, len(text)), keep, -1):
-                    if text.endswith(stop[:k]):
-                        keep = k
-                        break
-            text = text[:max(len(self.sent), len(text) - keep)]
-        if not text.startswith(self.sent):  # the tokenizer changed earlier text: hand out only what is new
-            text = self.sent + text[len(self.sent):]
-        delta, self.sent = text[len(self.sent):], max(text, self.sent, key=len)
-        return delta
-
-
 def choose_backend(name: Any = None):
     """The backend to run on: ``name`` (a backend object is returned as is), else the documented default rule."""
     from ..plugins import get_registry
@@ -182,13 +146,17 @@ class LLM:
         ``num_blocks``.
     :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
         most (longer prompts are prefilled in chunks that share steps with decode).
+    :param max_prefill_tokens_while_decoding: while sequences decode, at most this many prompt tokens join one
+        engine step (default :data:`DEFAULT_PREFILL_WHILE_DECODING`), which bounds how much a newly admitted prompt
+        stretches the running requests' inter-token latency; ``None``: only ``max_num_batched_tokens`` bounds it.
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
     """
 
     def __init__(self, model: Any, backend: Any = None, dtype: Any = None, *, tokenizer: Any = None,
                  kv_cache_bytes: Optional[int] = None, num_blocks: Optional[int] = None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
-                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+                 name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
+                 max_prefill_tokens_while_decoding: Optional[int] = -1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..models.base import build_model, parse_dtype
         from ..models.cli_support import load_generation_model
@@ -227,8 +195,11 @@ class LLM:
         if self.is_causal:
             if num_blocks is None and kv_cache_bytes is None:
                 kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
+            if max_prefill_tokens_while_decoding == -1:
+                max_prefill_tokens_while_decoding = DEFAULT_PREFILL_WHILE_DECODING
             self.engine = Engine(self.model, kv_budget_bytes=kv_cache_bytes, num_blocks=num_blocks,
-                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                 max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding)
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str):
