@@ -29,7 +29,7 @@ from ..core.attention import AttentionMetadata
 from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
 from .config import check_memory
-from .sampling import Sampler, SamplingParams, make_generator
+from .sampling import Sampler, SamplingParams, make_generator, token_logprobs
 
 __all__ = ["Engine", "EngineStats", "OutOfKVBlocksError"]
 
@@ -67,6 +67,7 @@ class _Seq:
     blocks: List[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in this sequence's blocks
     recomputing: bool = False  # preempted: its next prefill re-creates the cache of prompt + output
+    logprobs: List[tuple] = field(default_factory=list)  # one entry per output token when params.logprobs is set
 
     @property
     def tokens(self) -> List[int]:
@@ -337,6 +338,12 @@ class Engine:
             rows = torch.tensor(sample_rows, dtype=i64, device=dev)
             logits_SV = self.model.compute_logits(hidden_TH.index_select(0, rows))
             new_tokens = self.sampler(logits_SV, [s.params for s in sampled], [s.generator for s in sampled])
+            want = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+            if want:  # the log-probabilities the request asked for, beside each token
+                rows_lp = token_logprobs(logits_SV[want], [new_tokens[i] for i in want],
+                                         [sampled[i].params.logprobs for i in want])
+                for i, lp in zip(want, rows_lp):
+                    sampled[i].logprobs.append(lp)
             for s, tok in zip(sampled, new_tokens):
                 s.recomputing = False
                 s.output.append(tok)
@@ -416,6 +423,7 @@ class Engine:
         if not reqs:
             return []
         before = {rid: len(s.output) for rid, s in reqs.items()}
+        before_lp = {rid: len(s.logprobs) for rid, s in reqs.items()}
         try:
             with torch.no_grad():
                 self._step(self._req_waiting, self._req_running)
@@ -435,7 +443,7 @@ class Engine:
                 reason = None
                 if done:
                     reason = "length" if len(s.output) >= s.params.max_new_tokens else "stop"
-                out.append(RequestStep(rid, new, done, reason))
+                out.append(RequestStep(rid, new, done, reason, tuple(s.logprobs[before_lp[rid]:])))
         return out
 
 
@@ -446,12 +454,15 @@ class RequestStep:
     :param new_token_ids: the tokens generated in this step (one, or none for a finishing-only record).
     :param finish_reason: ``"stop"`` (an end-of-sequence or stop token, kept in the output) or ``"length"`` (the
         ``max_new_tokens`` budget) once ``finished``; ``None`` before.
+    :param logprobs: when the request's params ask for them, one ``(logprob, ((id, logprob), ...))`` per new
+        token (see :func:`~anyaccel.models.sampling.token_logprobs`); else empty.
     """
 
     request_id: str
     new_token_ids: tuple
     finished: bool
     finish_reason: Optional[str]
+    logprobs: tuple = ()
 
 
 __all__ += ["RequestStep"]

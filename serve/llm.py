@@ -15,6 +15,7 @@ backend (in the registry's discovery order) whose device is not the host CPU, el
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..models.detokenize import TextState
 from ..models.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "choose_backend",
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "StreamDelta", "choose_backend",
            "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES",
            "DEFAULT_PREFILL_WHILE_DECODING"]
 
@@ -84,6 +85,10 @@ class RequestOutput:
     :param token_ids: the generated tokens (a stop or end-of-sequence token that ended it is included).
     :param finish_reason: ``"stop"`` (end-of-sequence, a stop token or a stop string) or ``"length"`` (the
         ``max_new_tokens`` budget); ``"abort"`` when it was cancelled.
+    :param logprobs: with ``SamplingParams(logprobs=k)``: per generated token ``(logprob, ((id, logprob), ...))``,
+        its log-probability and the ``k`` most likely tokens'; else ``None``.
+    :param outputs: every choice (``SamplingParams(n=...)``) as :class:`CompletionOutput`; the fields above are
+        those of choice 0.
     """
 
     request_id: str
@@ -93,6 +98,19 @@ class RequestOutput:
     token_ids: List[int]
     finish_reason: str
     metrics: RequestMetrics
+    logprobs: Optional[List[tuple]] = None
+    outputs: Tuple["CompletionOutput", ...] = ()
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One choice of a request (``SamplingParams(n=...)`` asks for several)."""
+
+    index: int
+    text: Optional[str]
+    token_ids: List[int]
+    finish_reason: str
+    logprobs: Optional[List[tuple]] = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,7 @@ class StreamDelta:
     text: str
     finished: bool
     finish_reason: Optional[str]
+    logprobs: tuple = ()  #: per new token ``(logprob, ((id, logprob), ...))`` when asked for
 
 
 def choose_backend(name: Any = None):
@@ -273,10 +292,18 @@ class LLM:
                                            len(st.token_ids))
                         if finished:
                             live.discard(o.request_id)
-                        yield i, StreamDelta(o.request_id, tuple(o.new_token_ids), text, finished, reason), m
+                        yield i, StreamDelta(o.request_id, tuple(o.new_token_ids), text, finished, reason,
+                                             tuple(o.logprobs)), m
             finally:
                 for r in added:
                     engine.abort(r)  # a no-op for finished requests; frees the blocks of an abandoned stream
+
+    def _one_choice(self, params: Any) -> List[SamplingParams]:
+        p = self._params(params, 1)
+        if p[0].n != 1:
+            raise InvalidArgumentError(_OP, "params.n", "1 for a stream (one choice)", p[0].n,
+                                       "Use generate() for several choices")
+        return p
 
     def _params(self, params: Any, n: int) -> List[SamplingParams]:
         if params is None:
@@ -303,22 +330,45 @@ class LLM:
         return self._collect(prompts, ids, self._params(params, len(ids)))
 
     def _collect(self, prompts, ids, plist) -> List[RequestOutput]:
-        toks: List[List[int]] = [[] for _ in ids]
-        texts = [""] * len(ids)
+        # n choices of a prompt are n engine requests (seeds seed, seed + 1, ...), regrouped below.
+        owner: List[Tuple[int, int]] = []  # engine request -> (prompt, choice)
+        run_ids: List[List[int]] = []
+        run_params: List[SamplingParams] = []
+        for i, p in enumerate(plist):
+            for c in range(p.n):
+                owner.append((i, c))
+                run_ids.append(ids[i])
+                seed = None if p.seed is None else (p.seed + c) % 2 ** 63
+                run_params.append(dataclasses.replace(p, n=1, seed=seed) if p.n > 1 else p)
+        toks: List[List[int]] = [[] for _ in run_ids]
+        texts = [""] * len(run_ids)
+        lps: List[List[tuple]] = [[] for _ in run_ids]
         done: Dict[int, Tuple[str, str, RequestMetrics]] = {}
-        for i, d, m in self._run(ids, plist):
-            toks[i].extend(d.token_ids)
-            texts[i] += d.text
+        for j, d, m in self._run(run_ids, run_params):
+            toks[j].extend(d.token_ids)
+            texts[j] += d.text
+            lps[j].extend(d.logprobs)
             if d.finished:
-                done[i] = (d.request_id, d.finish_reason, m)
-        return [RequestOutput(done[i][0], p if isinstance(p, str) else None, ids[i],
-                              texts[i] if self.tokenizer is not None else None, toks[i], done[i][1], done[i][2])
-                for i, p in enumerate(prompts)]
+                done[j] = (d.request_id, d.finish_reason, m)
+        has_text = self.tokenizer is not None
+        choices: List[List[CompletionOutput]] = [[] for _ in ids]
+        first: Dict[int, int] = {}
+        for j, (i, c) in enumerate(owner):
+            first.setdefault(i, j)
+            choices[i].append(CompletionOutput(c, texts[j] if has_text else None, toks[j], done[j][1],
+                                               lps[j] if run_params[j].logprobs is not None else None))
+        outs = []
+        for i, p in enumerate(prompts):
+            j = first[i]
+            c0 = choices[i][0]
+            outs.append(RequestOutput(done[j][0], p if isinstance(p, str) else None, ids[i], c0.text, c0.token_ids,
+                                      c0.finish_reason, done[j][2], c0.logprobs, tuple(choices[i])))
+        return outs
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """Yield :class:`StreamDelta` s of one prompt as its tokens are generated; breaking out frees its blocks."""
         ids = self.encode(prompt)
-        p = self._params(params, 1)
+        p = self._one_choice(params)
         for _, d, _m in self._run([ids], p):
             yield d
 
@@ -335,7 +385,7 @@ class LLM:
                     params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """:meth:`stream` for one conversation (the interactive ``anyaccel chat`` uses it)."""
         ids = self.apply_chat_template(messages)
-        for _, d, _m in self._run([ids], self._params(params, 1)):
+        for _, d, _m in self._run([ids], self._one_choice(params)):
             yield d
 
     # -- embeddings ---------------------------------------------------------------------------------------------
