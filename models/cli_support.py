@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ..core.errors import AnyaccelError
 from .detokenize import TextState
 
-__all__ = ["GenerateError", "add_generate_arguments", "add_max_new_tokens_argument", "generate_main", "models_main", "load_generation_model",
-           "encode_prompt", "parse_prompt_ids"]
+__all__ = ["GenerateError", "add_generate_arguments", "add_max_new_tokens_argument", "generate_main", "models_main",
+           "load_generation_model", "encode_prompt", "parse_prompt_ids"]
 
 
 class GenerateError(AnyaccelError):

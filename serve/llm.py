@@ -27,8 +27,8 @@ from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..models.detokenize import TextState
 from ..models.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "StreamDelta", "choose_backend",
-           "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES",
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "StreamDelta",
+           "choose_backend", "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES",
            "DEFAULT_PREFILL_WHILE_DECODING"]
 
 _OP = "LLM"
