@@ -4,10 +4,11 @@ A fixed, seeded set of requests (prompt and output lengths varied over the given
 produces exactly its output length) is sent as streaming ``/v1/completions`` at a fixed concurrency. Reported:
 request throughput, output tokens/s, time to first token and inter-token latency (p50/p90/p99).
 
-Without ``--url`` the model is served in this process on a free loopback port; the engine's own batched decode
-rate (the same prompts through :meth:`LLM.generate`, no HTTP) is then measured first, so the report shows what
-the server layer costs: ``server output tok/s / engine tok/s`` (after one untimed warm-up pass of the same
-requests through the engine).
+Without ``--url`` the model is served in this process on a free loopback port and loaded by a child process
+(``bench serve --url``, so the client never competes with the server for the interpreter lock); the engine's
+own batched decode rate (the same prompts through :meth:`LLM.generate`, no HTTP) is measured first, so the
+report shows what the server layer costs: ``server output tok/s / engine tok/s`` (after one untimed warm-up
+pass of the same requests through the engine).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=1000,
                    help="with --url: prompt ids are drawn below this (default 1000)")
     p.add_argument("--api-key", dest="api_key", help="with --url: the server's API key")
+    p.add_argument("--max-prefill-tokens-while-decoding", dest="max_prefill_tokens_while_decoding", type=int,
+                   default=None, help="in-process server: prompt tokens per engine step while others decode "
+                                      "(default: the LLM's default; 0: no cap, the whole budget)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--vllm", action="store_true",
                    help="then run the same load against `vllm serve` from the peers venv (smollm2 only: the same "
@@ -153,6 +157,30 @@ def _engine_rate(llm, reqs) -> float:
     return box["rate"]
 
 
+def _load_from_another_process(url: str, model: str, args: argparse.Namespace, vocab: int) -> Dict[str, Any]:
+    """Run the load client as ``anyaccel bench serve --url`` in a child process (the same seeded requests), as
+    ``vllm bench serve`` runs beside its server: in this process the client's SSE parsing would share the server's
+    interpreter lock and inflate the server's latencies."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "load.json")
+        cmd = [sys.executable, "-m", "anyaccel", "bench", "serve", "--url", url, "--model", model,
+               "--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
+               "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--seed", str(args.seed),
+               "--vocab-size", str(vocab), "--json", path]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not os.path.exists(path):
+            raise RuntimeError(f"the load client failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    out.pop("model", None)
+    return out
+
+
 def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) -> int:
     if args.concurrency < 1 or args.num_requests < 1:
         raise ValueError(f"--concurrency and --num-requests must be >= 1, received {args.concurrency} and "
@@ -167,8 +195,11 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         from ..serve import LLM
         from ..serve.app import ServerThread, build_app
 
+        cap = getattr(args, "max_prefill_tokens_while_decoding", None)
+        extra = {} if cap is None else {"max_prefill_tokens_while_decoding": cap or None}
         llm = LLM(args.model, backend=args.backend, dtype=args.dtype, max_num_seqs=max(args.concurrency, 1),
-                  builtins=builtins)
+                  builtins=builtins, **extra)
+        report["max_prefill_tokens_while_decoding"] = llm.engine.max_prefill_tokens_while_decoding
         reqs = make_requests(args.num_requests, plen, olen, int(llm.model.config.vocab_size), args.seed)
         # Warm-up: one untimed pass over the same requests. The first time a batch shape is seen costs far more
         # than later ones (allocator growth, per-shape kernel setup), and the server pass would otherwise see
@@ -179,7 +210,7 @@ def bench_serve_main(args: argparse.Namespace, builtins=None, print_fn=print) ->
         _forget_prefixes(llm)  # each pass starts with an empty prefix cache: the same prompts would all hit
         report["backend"] = llm.backend.name
         with ServerThread(build_app(llm, max_queue=max(64, args.num_requests))) as srv:
-            report.update(run_load(srv.url, llm.name, reqs, args.concurrency))
+            report.update(_load_from_another_process(srv.url, llm.name, args, int(llm.model.config.vocab_size)))
         report["server_vs_engine"] = report["output_tok_s"] / report["engine_output_tok_s"]
     if getattr(args, "vllm", False):
         from .serve_peer import vllm_serve_load

@@ -15,9 +15,10 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..core.errors import AnyaccelError
+from .detokenize import TextState
 
-__all__ = ["GenerateError", "add_generate_arguments", "generate_main", "models_main", "load_generation_model",
-           "encode_prompt", "parse_prompt_ids"]
+__all__ = ["GenerateError", "add_generate_arguments", "add_max_new_tokens_argument", "generate_main", "models_main",
+           "load_generation_model", "encode_prompt", "parse_prompt_ids"]
 
 
 class GenerateError(AnyaccelError):
@@ -35,9 +36,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="text, tokenized with the model's tokenizer (and chat template if it has one)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                    help="tokenize --prompt as plain text even when the model has a chat template")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=32,
-                   help="the token budget: generation stops after this many new tokens (default 32; 1e3 is "
-                        "accepted); prompt + new tokens must fit the model's maximum length")
+    add_max_new_tokens_argument(p, 32, "; prompt + new tokens must fit the model's maximum length")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text (repeatable); finish_reason 'stop'")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print the text once finished instead of token by token")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (aliases fp32, fp16, bf16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", dest="top_k", type=int, default=None)
@@ -59,8 +62,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "them packed")
     p.add_argument("--json", action="store_true",
                    help='print {"model", "backend", "dtype", "prompt_ids", "output_ids", "text", "finish_reason", '
-                        '"seconds", "tokens_per_s", "quantization"} (output: new tokens only; text null without a '
-                        'tokenizer; quantization: what runs packed)')
+                        '"prompt_tokens", "ttft_s", "seconds", "tokens_per_s", "quantization"} (output: new tokens '
+                        'only; text null without a tokenizer; quantization: what runs packed)')
+
+
+def add_max_new_tokens_argument(p: argparse.ArgumentParser, default: int, extra_help: str = "") -> None:
+    """``--max-new-tokens N`` (documented) and its undocumented alias ``--max-tokens`` (OpenAI's and ``chat``'s
+    former spelling), both into ``args.max_new_tokens``."""
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=default,
+                   help=f"the token budget: generation stops after this many new tokens (default {default}; 1e3 is "
+                        f"accepted){extra_help}")
+    p.add_argument("--max-tokens", dest="max_new_tokens", type=_count, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
 
 
 def _count(text: str) -> int:
@@ -225,7 +238,7 @@ def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any,
     from .sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=seed)
+                            top_p=args.top_p, seed=seed, stop=tuple(getattr(args, "stop", None) or ()))
     model, tok_factory = load_generation_model(args.model, backend, dtype, strict=getattr(args, "strict", False),
                                                builtins=builtins, comm=comm,
                                                quantization=getattr(args, "quantization", None),
@@ -251,26 +264,63 @@ def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any,
     block = model.block_size
     num_blocks = -(-total // block) + 1
     engine = Engine(model, num_blocks=num_blocks)
-    t0 = time.perf_counter()
-    out = engine.generate([prompt_ids], params)[0]
-    seconds = time.perf_counter() - t0
-    stopped = bool(out) and (out[-1] in engine.eos_ids or out[-1] in params.stop_token_ids)
-    finish_reason = "stop" if stopped else "length"
-    if tokenizer is None and args.json and tok_factory is not None:
-        tokenizer = tok_factory()
-    text = tokenizer.decode(out, skip_special_tokens=True).strip() if tokenizer is not None else None
-    if comm is not None and comm.rank != 0:
-        return 0  # every rank computed the same tokens; rank 0 prints them
+    if tokenizer is None and tok_factory is not None:
+        tokenizer = tok_factory()  # --prompt-ids: the answer is still printed as text
+    printer = comm is None or comm.rank == 0  # every rank computes the same tokens; rank 0 prints them
+    stream = not args.json and getattr(args, "stream", True) and printer
+    out, text, seconds, ttft, finish_reason = _run_one(engine, prompt_ids, params, tokenizer,
+                                                       sys.stdout if stream else None)
+    if not printer:
+        return 0
     if args.json:
         print(json.dumps({"model": args.model, "backend": backend.name, "dtype": str(dtype).removeprefix("torch."),
                           "prompt_ids": prompt_ids, "output_ids": out, "text": text, "finish_reason": finish_reason,
-                          "seconds": seconds, "tokens_per_s": len(out) / seconds if seconds > 0 else None,
+                          "prompt_tokens": len(prompt_ids), "ttft_s": ttft, "seconds": seconds,
+                          "tokens_per_s": len(out) / seconds if seconds > 0 else None,
                           "quantization": describe_quantization(model)}))
         return 0
-    print(text if text is not None else " ".join(str(t) for t in out))
+    if not stream:
+        print(text if text is not None else " ".join(str(t) for t in out))
     if finish_reason == "length":
         print(f"(stopped at the --max-new-tokens budget of {params.max_new_tokens} tokens)", file=sys.stderr)
     return 0
+
+
+def _run_one(engine: Any, prompt_ids: List[int], params: Any, tokenizer: Any, out: Any
+             ) -> Tuple[List[int], Optional[str], float, Optional[float], str]:
+    """Generate one request through the engine's request API; with ``out`` (a text stream) write its text (or its
+    token ids without a tokenizer) as each token is decoded. ``(output_ids, text or None, seconds, ttft_s,
+    finish_reason)``;
+    a stop string ends the request with ``"stop"`` (the text is cut before it)."""
+    rid = "generate"
+    state = TextState(tokenizer, params.stop)
+    t0 = time.perf_counter()
+    ttft: Optional[float] = None
+    reason = "length"
+    engine.add_request(rid, prompt_ids, params)
+    try:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.new_token_ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                piece = state.push(o.new_token_ids, final=o.finished)
+                if tokenizer is None:
+                    piece = "".join(f"{t} " for t in o.new_token_ids)
+                if out is not None and piece:
+                    out.write(piece)
+                    out.flush()
+                if o.finished:
+                    reason = o.finish_reason
+                elif state.stopped:
+                    engine.abort(rid)
+                    reason = "stop"
+    finally:
+        engine.abort(rid)  # a no-op once finished; frees the blocks on Ctrl-C
+    seconds = time.perf_counter() - t0
+    if out is not None:
+        out.write("\n")
+        out.flush()
+    return list(state.token_ids), (state.sent if tokenizer is not None else None), seconds, ttft, reason
 
 
 def models_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Any]] = None) -> int:

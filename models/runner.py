@@ -35,7 +35,7 @@ from ..core.errors import AnyaccelError, InvalidArgumentError
 from ..core.kv_cache import BlockAllocator, kv_cache_bytes_per_block, num_blocks_for_budget
 from .config import check_memory
 from .prefix_cache import PrefixCachingAllocator, engine_extra_keys
-from .sampling import Sampler, SamplingParams, make_generator
+from .sampling import Sampler, SamplingParams, make_generator, token_logprobs
 from .step_inputs import upload_step
 
 __all__ = ["Engine", "EngineStats", "OutOfKVBlocksError"]
@@ -77,6 +77,7 @@ class _Seq:
     recomputing: bool = False  # preempted: its next prefill re-creates the cache of prompt + output
     block_hashes: List[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks so far
     num_registered: int = 0  # leading blocks already offered to the prefix cache
+    logprobs: List[tuple] = field(default_factory=list)  # one entry per output token when params.logprobs is set
 
     @property
     def tokens(self) -> List[int]:
@@ -107,11 +108,16 @@ class Engine:
         block manager (tests plant bugs this way).
     :param prefix_cache_key: names the weights in the cache keys (e.g. the checkpoint), so that keys exported to
         another tier or process never match another model's blocks.
+    :param max_prefill_tokens_while_decoding: while any sequence decodes, at most this many prompt tokens join a
+        step (chunked prefill), so admitting a long prompt lengthens each decode step by a bounded amount (the
+        inter-token latency tail) instead of by the whole prompt; ``None`` (default): only
+        ``max_num_batched_tokens`` bounds them. A step with no decode still prefills up to the full budget.
     """
 
     def __init__(self, model, kv_budget_bytes: Optional[int] = None, num_blocks: Optional[int] = None,
                  block_size: Optional[int] = None, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
-                 preemption: bool = True, prefix_caching=True, prefix_cache_key: Optional[str] = None) -> None:
+                 preemption: bool = True, prefix_caching=True, prefix_cache_key: Optional[str] = None,
+                 max_prefill_tokens_while_decoding: Optional[int] = None) -> None:
         if not getattr(model, "is_causal", True):
             raise InvalidArgumentError(_OP, "model", "a causal decoder", f"{type(model).__name__} (an encoder)",
                                        "Encoders run through model.encode(...), not the generation engine")
@@ -138,6 +144,10 @@ class Engine:
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(_OP, name, "an int >= 1", v)
+        cap = max_prefill_tokens_while_decoding
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise InvalidArgumentError(_OP, "max_prefill_tokens_while_decoding", "None or an int >= 1", cap)
+        self.max_prefill_tokens_while_decoding = cap
         self.num_blocks = num_blocks
         self.bytes_per_block = per_block
         self.max_num_seqs = max_num_seqs
@@ -277,13 +287,21 @@ class Engine:
 
     def _schedule(self, waiting: Deque[_Seq], running: List[_Seq]) -> List[tuple]:
         budget = self.max_num_batched_tokens
+        # Prompt tokens allowed in this step: capped while some sequence decodes (one token left to feed).
+        cap = self.max_prefill_tokens_while_decoding
+        prefill_budget = budget
+        if cap is not None and any(s.num_tokens - s.num_computed == 1 for s in running):
+            prefill_budget = cap
         batch: List[tuple] = []  # (seq, q_len)
         for s in list(running):
             if s not in running:  # preempted while making room for an earlier one
                 continue
-            q = min(s.num_tokens - s.num_computed, budget)
+            left = s.num_tokens - s.num_computed
+            q = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
             if q <= 0:
-                break
+                if budget <= 0:
+                    break
+                continue  # a prompt chunk waits for the next step; decodes behind it still run
             while not self._grow(s, s.num_computed + q):
                 if not self.preemption:
                     raise OutOfKVBlocksError(
@@ -297,14 +315,17 @@ class Engine:
             else:
                 batch.append((s, q))
                 budget -= q
+                if left > 1:
+                    prefill_budget -= q
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             s = waiting[0]
             matched = 0
             if self.prefix_cache is not None and not s.blocks:
                 self._match_prefix(s)
                 matched = s.num_computed
-            q = min(s.num_tokens - s.num_computed, budget)
-            if not self._grow(s, s.num_computed + q):
+            left = s.num_tokens - s.num_computed
+            q = min(left, budget) if left == 1 else min(left, budget, prefill_budget)
+            if q <= 0 or not self._grow(s, s.num_computed + q):
                 if matched or s.blocks:  # give the hit back: it is matched again at the next admission try
                     self._free(s)
                     s.num_computed = s.num_registered = 0
@@ -314,6 +335,8 @@ class Engine:
             running.append(s)
             batch.append((s, q))
             budget -= q
+            if left > 1:
+                prefill_budget -= q
         if not batch:
             # Unreachable with the up-front size check; kept so a logic error can never spin forever.
             raise OutOfKVBlocksError(f"no sequence could be scheduled with {self.allocator.num_free} of "
@@ -366,6 +389,12 @@ class Engine:
                 rows = torch.tensor(sample_rows, dtype=i64, device=dev)
                 logits_SV = self.model.compute_logits(hidden_TH.index_select(0, rows))
             new_tokens = self.sampler(logits_SV, [s.params for s in sampled], [s.generator for s in sampled])
+            want = [i for i, s in enumerate(sampled) if s.params.logprobs is not None]
+            if want:  # the log-probabilities the request asked for, beside each token
+                rows_lp = token_logprobs(logits_SV[want], [new_tokens[i] for i in want],
+                                         [sampled[i].params.logprobs for i in want])
+                for i, lp in zip(want, rows_lp):
+                    sampled[i].logprobs.append(lp)
             for s, tok in zip(sampled, new_tokens):
                 s.recomputing = False
                 s.output.append(tok)
@@ -445,6 +474,7 @@ class Engine:
         if not reqs:
             return []
         before = {rid: len(s.output) for rid, s in reqs.items()}
+        before_lp = {rid: len(s.logprobs) for rid, s in reqs.items()}
         try:
             with torch.no_grad():
                 self._step(self._req_waiting, self._req_running)
@@ -464,7 +494,7 @@ class Engine:
                 reason = None
                 if done:
                     reason = "length" if len(s.output) >= s.params.max_new_tokens else "stop"
-                out.append(RequestStep(rid, new, done, reason))
+                out.append(RequestStep(rid, new, done, reason, tuple(s.logprobs[before_lp[rid]:])))
         return out
 
 
@@ -475,12 +505,15 @@ class RequestStep:
     :param new_token_ids: the tokens generated in this step (one, or none for a finishing-only record).
     :param finish_reason: ``"stop"`` (an end-of-sequence or stop token, kept in the output) or ``"length"`` (the
         ``max_new_tokens`` budget) once ``finished``; ``None`` before.
+    :param logprobs: when the request's params ask for them, one ``(logprob, ((id, logprob), ...))`` per new
+        token (see :func:`~anyaccel.models.sampling.token_logprobs`); else empty.
     """
 
     request_id: str
     new_token_ids: tuple
     finished: bool
     finish_reason: Optional[str]
+    logprobs: tuple = ()
 
 
 __all__ += ["RequestStep"]

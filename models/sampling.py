@@ -17,9 +17,12 @@ import torch
 
 from ..core.errors import InvalidArgumentError
 
-__all__ = ["SamplingParams", "Sampler", "apply_top_k_top_p", "make_generator"]
+__all__ = ["SamplingParams", "Sampler", "apply_top_k_top_p", "make_generator", "token_logprobs", "MAX_LOGPROBS"]
 
 _OP = "SamplingParams"
+
+#: The most alternatives ``SamplingParams.logprobs`` may ask for (OpenAI's ``top_logprobs`` limit).
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class SamplingParams:
     :param ignore_eos: do not stop at the model's end-of-sequence token (benchmarks).
     :param stop: stop strings, applied to the decoded text by the serving layer (:mod:`anyaccel.serve`): the
         text ends just before the first one found. The engine itself works on token ids and ignores them.
+    :param logprobs: ``None`` (default): none. ``k >= 0``: with each generated token the engine returns its
+        log-probability under the model (``log_softmax`` of the raw logits, before temperature or top-k/top-p)
+        and the ``k`` most likely tokens with theirs (OpenAI's ``logprobs`` / ``top_logprobs``), ``k <= 20``.
+    :param n: choices per prompt (the serving layer runs ``n`` requests; with a ``seed``, choice ``i`` uses
+        ``seed + i``). The engine itself runs one sequence per request and ignores it.
     """
 
     max_new_tokens: int = 16
@@ -45,6 +53,8 @@ class SamplingParams:
     stop_token_ids: Tuple[int, ...] = field(default=())
     ignore_eos: bool = False
     stop: Tuple[str, ...] = field(default=())
+    logprobs: Optional[int] = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         m = self.max_new_tokens
@@ -73,6 +83,12 @@ class SamplingParams:
         if not isinstance(ss, (tuple, list)) or any(not isinstance(x, str) or not x for x in ss):
             raise InvalidArgumentError(_OP, "stop", "a string or a sequence of non-empty strings", repr(ss))
         object.__setattr__(self, "stop", tuple(ss))
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise InvalidArgumentError(_OP, "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", repr(lp))
+        n = self.n
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(_OP, "n", "an int >= 1", repr(n))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
 
@@ -136,3 +152,16 @@ class Sampler:
             probs = torch.softmax(filtered, dim=-1)
             picked_S[i:i + 1] = torch.multinomial(probs, 1, generator=generators[i])
         return picked_S.tolist()
+
+
+def token_logprobs(logits_SV: torch.Tensor, tokens: Sequence[int], k: Sequence[int]) -> List[tuple]:
+    """For each row: ``(logprob of tokens[i], ((id, logprob), ...) of the k[i] most likely tokens)``, from the
+    float32 ``log_softmax`` of the raw logits."""
+    lp_SV = torch.log_softmax(logits_SV.float(), dim=-1)
+    kmax = max(k) if k else 0
+    top_v, top_i = torch.topk(lp_SV, kmax, dim=-1) if kmax else (None, None)
+    chosen = lp_SV.gather(1, torch.tensor(list(tokens), dtype=torch.int64, device=lp_SV.device)[:, None])[:, 0]
+    chosen_l = chosen.tolist()
+    tv = top_v.tolist() if kmax else None
+    ti = top_i.tolist() if kmax else None
+    return [(chosen_l[i], tuple(zip(ti[i][:k[i]], tv[i][:k[i]])) if kmax else ()) for i in range(len(chosen_l))]

@@ -9,6 +9,12 @@ names the field), 400 with code ``context_length_exceeded`` for a prompt (plus `
 context or the KV cache, 401 for a missing or wrong API key, 404 for an unknown model, 429 when the waiting queue
 is full, 503 while shutting down. A client that disconnects cancels its request; its KV blocks are freed at once.
 
+OpenAI's ``n`` (up to :data:`MAX_N` choices; with a ``seed``, choice ``i`` samples with ``seed + i``), ``stop``, and
+``logprobs`` (completions: the number of alternatives; chat: ``logprobs: true`` and ``top_logprobs``; log-
+probabilities of the raw model distribution, before temperature and top-k/top-p) are supported; ``echo``,
+``best_of`` > 1, ``suffix`` and tools are refused with a 400 naming the field. Without a tokenizer a token's
+string is ``"token_id:N"``.
+
 Extensions beyond OpenAI's fields: ``top_k``, ``ignore_eos``, and the prompt of a completion may be token ids;
 each choice carries ``token_ids`` (the generated ids) beside its text.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import threading
@@ -28,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.errors import AnyaccelError, InvalidArgumentError
-from ..models.sampling import SamplingParams
+from ..models.sampling import MAX_LOGPROBS, SamplingParams
 from .engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestStream
 from .llm import LLM, check_messages
 from .metrics import ServerMetrics
@@ -86,14 +93,34 @@ def _num(body: Dict[str, Any], key: str, lo: float, hi: float, default: float, l
     return float(v)
 
 
-def _sampling(body: Dict[str, Any], max_tokens: int) -> SamplingParams:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise _bad("n", "1 (one choice per request)", n)
-    for unsupported in ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions"):
+#: Choices one request may ask for (``n``).
+MAX_N = 16
+
+
+def _sampling(body: Dict[str, Any], max_tokens: int, chat: bool = False) -> SamplingParams:
+    n = _int(body, "n", 1, 1)
+    if n > MAX_N:
+        raise _bad("n", f"an integer in [1, {MAX_N}]", n)
+    for unsupported in ("echo", "best_of", "suffix", "tools", "functions"):
         v = body.get(unsupported)
         if v not in (None, False, 1 if unsupported == "best_of" else None):
             raise ApiError(400, f"'{unsupported}' is not supported by this server; leave it out", unsupported)
+    logprobs = None
+    if chat:  # chat: logprobs is a boolean, top_logprobs the number of alternatives
+        lp = body.get("logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise _bad("logprobs", "a boolean", lp)
+        top = _int(body, "top_logprobs", 0, None)
+        if top is not None and top > MAX_LOGPROBS:
+            raise _bad("top_logprobs", f"an integer in [0, {MAX_LOGPROBS}]", top)
+        if top is not None and not lp:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if lp:
+            logprobs = top or 0
+    else:  # completions: logprobs is the number of alternatives per token
+        logprobs = _int(body, "logprobs", 0, None)
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise _bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]", logprobs)
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -110,7 +137,7 @@ def _sampling(body: Dict[str, Any], max_tokens: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_tokens, temperature=_num(body, "temperature", 0.0, 2.0, 1.0),
                           top_p=_num(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
                           top_k=_int(body, "top_k", 0, None) or None, seed=seed, stop=tuple(stop),
-                          ignore_eos=ignore_eos)
+                          ignore_eos=ignore_eos, logprobs=logprobs, n=n)
 
 
 def _stream_flags(body: Dict[str, Any]) -> Tuple[bool, bool]:
@@ -193,9 +220,14 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
                                 f"of the model's {ctx}-token context", "max_tokens", "context_length_exceeded")
         return max_tokens
 
-    async def _start(prompt_ids: List[int], params: SamplingParams, field: str) -> RequestStream:
+    async def _start(prompt_ids: List[int], params: SamplingParams, field: str) -> List[RequestStream]:
+        """One engine request per choice (``n``); choice ``i`` of a seeded request uses ``seed + i``."""
+        streams: List[RequestStream] = []
         try:
-            return await _gen_engine().add_request(prompt_ids, params)
+            for i in range(params.n):
+                seed = None if params.seed is None else (params.seed + i) % 2 ** 63
+                p = dataclasses.replace(params, n=1, seed=seed) if params.n > 1 else params
+                streams.append(await _gen_engine().add_request(prompt_ids, p))
         except QueueFullError as e:
             raise ApiError(429, str(e), None, "queue_full") from None
         except EngineStoppedError as e:
@@ -203,9 +235,19 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
         except AnyaccelError as e:  # token ids outside the vocabulary, a prompt too long for the KV cache
             code = "context_length_exceeded" if "KV" in str(e) else None
             raise ApiError(400, " ".join(str(e).split()), field, code) from None
+        finally:
+            if len(streams) < params.n:  # a later choice was refused: drop the earlier ones
+                for s_ in streams:
+                    st.engine.abort(s_.request_id)
+        return streams
 
-    async def _collect(request: Request, stream: RequestStream) -> RequestStream:
-        task = asyncio.ensure_future(stream.collect())
+    def _abort_unfinished(streams: List[RequestStream]) -> None:
+        for s_ in streams:
+            if not s_.finished:
+                st.engine.abort(s_.request_id)
+
+    async def _collect(request: Request, streams: List[RequestStream]) -> List[RequestStream]:
+        task = asyncio.ensure_future(asyncio.gather(*(s_.collect() for s_ in streams)))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.2)
@@ -218,32 +260,90 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-            if not stream.finished:
-                st.engine.abort(stream.request_id)
+            _abort_unfinished(streams)
 
-    def _usage(stream: RequestStream) -> Dict[str, int]:
-        p, c = len(stream.prompt_ids), len(stream.token_ids)
+    def _usage(streams: List[RequestStream]) -> Dict[str, int]:
+        p, c = len(streams[0].prompt_ids), sum(len(s_.token_ids) for s_ in streams)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _sse(obj: Any) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def _events(stream: RequestStream, chunk, usage: bool, first: Optional[Dict[str, Any]] = None):
+    async def _merged(streams: List[RequestStream]):
+        """``(choice index, delta)`` of every stream, in the order they come."""
+        if len(streams) == 1:
+            async for d in streams[0]:
+                yield 0, d
+            return
+        q: "asyncio.Queue[Any]" = asyncio.Queue()
+
+        async def pump(i: int, s_: RequestStream) -> None:
+            try:
+                async for d in s_:
+                    q.put_nowait((i, d))
+            except Exception as e:  # handed to the consumer
+                q.put_nowait((i, e))
+            finally:
+                q.put_nowait((i, None))
+
+        tasks = [asyncio.ensure_future(pump(i, s_)) for i, s_ in enumerate(streams)]
         try:
-            if first is not None:
-                yield _sse(first)
-            async for d in stream:
+            left = len(streams)
+            while left:
+                i, d = await q.get()
+                if d is None:
+                    left -= 1
+                elif isinstance(d, BaseException):
+                    raise d
+                else:
+                    yield i, d
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _events(streams: List[RequestStream], chunk, usage: bool, first=None):
+        try:
+            for f in first or ():
+                yield _sse(f)
+            async for i, d in _merged(streams):
                 if d.text or d.finished or d.token_ids:
-                    yield _sse(chunk(d))
+                    yield _sse(chunk(d, i))
             if usage:
-                last = chunk(None)
+                last = chunk(None, 0)
                 last["choices"] = []
-                last["usage"] = _usage(stream)
+                last["usage"] = _usage(streams)
                 yield _sse(last)
             yield "data: [DONE]\n\n"
         finally:
-            if not stream.finished:
-                st.engine.abort(stream.request_id)
+            _abort_unfinished(streams)
+
+    def _tok_str(t: int) -> str:
+        tok = st.llm.tokenizer
+        return f"token_id:{t}" if tok is None else tok.decode([t], skip_special_tokens=False)
+
+    def _completion_logprobs(ids, lps, offset: int = 0) -> Optional[Dict[str, Any]]:
+        """OpenAI's legacy completions ``logprobs`` object for these tokens."""
+        if not lps:
+            return None
+        tokens = [_tok_str(t) for t in ids]
+        offs = []
+        for t in tokens:
+            offs.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in lps],
+                "top_logprobs": [{_tok_str(a): v for a, v in top} for _, top in lps], "text_offset": offs}
+
+    def _chat_logprobs(ids, lps) -> Optional[Dict[str, Any]]:
+        """OpenAI's chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}, ...]}``."""
+        if not lps:
+            return None
+
+        def entry(t, v):
+            s_ = _tok_str(t)
+            return {"token": s_, "logprob": v, "bytes": list(s_.encode("utf-8"))}
+
+        return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, v) for a, v in top])
+                            for t, (lp, top) in zip(ids, lps)]}
 
     # -- routes -----------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -286,21 +386,30 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
         max_tokens = _check_len(len(ids), _int(body, "max_tokens", 1, None), "prompt", 16)
         params = _sampling(body, max_tokens)
         do_stream, usage = _stream_flags(body)
-        stream = await _start(ids, params, "prompt")
+        streams = await _start(ids, params, "prompt")
         cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), st.llm.name
+        want_lp = params.logprobs is not None
+        offsets: Dict[int, int] = {}
 
-        def chunk(d):
-            c = {"index": 0, "text": d.text if d else "", "logprobs": None,
+        def chunk(d, i):
+            lp = None
+            if d is not None and want_lp:
+                lp = _completion_logprobs(d.token_ids, d.logprobs, offsets.get(i, 0))
+                if lp:
+                    offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            c = {"index": i, "text": d.text if d else "", "logprobs": lp,
                  "finish_reason": d.finish_reason if d else None, "token_ids": list(d.token_ids) if d else []}
             return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [c]}
 
         if do_stream:
-            return StreamingResponse(_events(stream, chunk, usage), media_type="text/event-stream")
-        await _collect(request, stream)
+            return StreamingResponse(_events(streams, chunk, usage), media_type="text/event-stream")
+        await _collect(request, streams)
         return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": stream.text, "logprobs": None,
-                             "finish_reason": stream.finish_reason, "token_ids": list(stream.token_ids)}],
-                "usage": _usage(stream)}
+                "choices": [{"index": i, "text": s_.text,
+                             "logprobs": _completion_logprobs(s_.token_ids, s_.logprobs) if want_lp else None,
+                             "finish_reason": s_.finish_reason, "token_ids": list(s_.token_ids)}
+                            for i, s_ in enumerate(streams)],
+                "usage": _usage(streams)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -318,26 +427,28 @@ def build_app(llm: LLM, *, embed_llm: Optional[LLM] = None, api_key: Optional[st
         mt = _int(body, "max_completion_tokens", 1, None)
         mt = _int(body, "max_tokens", 1, mt)
         max_tokens = _check_len(len(ids), mt, "messages", DEFAULT_CHAT_MAX_TOKENS)
-        params = _sampling(body, max_tokens)
+        params = _sampling(body, max_tokens, chat=True)
         do_stream, usage = _stream_flags(body)
-        stream = await _start(ids, params, "messages")
+        streams = await _start(ids, params, "messages")
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), st.llm.name
+        want_lp = params.logprobs is not None
 
-        def chunk(d, delta=None):
-            c = {"index": 0, "delta": delta if delta is not None else ({"content": d.text} if d and d.text else {}),
-                 "logprobs": None, "finish_reason": d.finish_reason if d else None,
-                 "token_ids": list(d.token_ids) if d else []}
+        def chunk(d, i, delta=None):
+            c = {"index": i, "delta": delta if delta is not None else ({"content": d.text} if d and d.text else {}),
+                 "logprobs": _chat_logprobs(d.token_ids, d.logprobs) if d is not None and want_lp else None,
+                 "finish_reason": d.finish_reason if d else None, "token_ids": list(d.token_ids) if d else []}
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [c]}
 
         if do_stream:
-            first = chunk(None, {"role": "assistant", "content": ""})
-            return StreamingResponse(_events(stream, chunk, usage, first), media_type="text/event-stream")
-        await _collect(request, stream)
+            first = [chunk(None, i, {"role": "assistant", "content": ""}) for i in range(len(streams))]
+            return StreamingResponse(_events(streams, chunk, usage, first), media_type="text/event-stream")
+        await _collect(request, streams)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.text},
-                             "logprobs": None, "finish_reason": stream.finish_reason,
-                             "token_ids": list(stream.token_ids)}],
-                "usage": _usage(stream)}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": s_.text},
+                             "logprobs": _chat_logprobs(s_.token_ids, s_.logprobs) if want_lp else None,
+                             "finish_reason": s_.finish_reason, "token_ids": list(s_.token_ids)}
+                            for i, s_ in enumerate(streams)],
+                "usage": _usage(streams)}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, TextIO
 
-from .llm import LLM, SamplingParams
+from ..models.cli_support import add_max_new_tokens_argument
+from .llm import DEFAULT_PREFILL_WHILE_DECODING, LLM, SamplingParams
 
 __all__ = ["add_model_arguments", "add_serve_arguments", "add_chat_arguments", "add_embed_arguments",
            "load_llm", "serve_main", "chat_main", "chat_loop", "embed_main"]
@@ -30,6 +31,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step at most; longer prompts are prefilled in chunks (default 512)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="turn prefix caching off (on by default: the KV of prompt prefixes already computed is reused)")
+    p.add_argument("--max-prefill-tokens-while-decoding", dest="max_prefill_tokens_while_decoding", type=int,
+                   default=DEFAULT_PREFILL_WHILE_DECODING,
+                   help="prompt tokens per engine step while other requests decode; bounds the inter-token latency "
+                        f"tail under load (default {DEFAULT_PREFILL_WHILE_DECODING}; 0: no cap)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,8 +56,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", help="a system prompt that opens the conversation")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=256,
-                   help="new tokens per answer at most (default 256)")
+    add_max_new_tokens_argument(p, 256, " per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -71,11 +75,16 @@ def load_llm(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[
     for key in ("kv_cache_mib", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, key) < 1:
             raise InvalidArgumentError("anyaccel", "--" + key.replace("_", "-"), "an integer >= 1", getattr(args, key))
+    cap = getattr(args, "max_prefill_tokens_while_decoding", DEFAULT_PREFILL_WHILE_DECODING)
+    if cap < 0:
+        raise InvalidArgumentError("anyaccel", "--max-prefill-tokens-while-decoding", "an integer >= 0 (0: no cap)",
+                                   cap)
     return LLM(model or args.model, backend=args.backend, dtype=args.dtype, builtins=builtins,
                kv_cache_bytes=args.kv_cache_mib * 1024 * 1024, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, name=name,
                tensor_parallel_size=getattr(args, "tp", 1) if model is None else 1,
-               prefix_caching=getattr(args, "prefix_cache", True))
+               prefix_caching=getattr(args, "prefix_cache", True),
+               max_prefill_tokens_while_decoding=cap or None)
 
 
 def serve_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> int:
@@ -154,7 +163,7 @@ def chat_loop(llm: LLM, params: SamplingParams, system: Optional[str] = None,
             reason = d.finish_reason or reason
         out.write("\n")
         if reason == "length":
-            print(f"(stopped at the {params.max_new_tokens}-token budget; raise --max-tokens)", file=out)
+            print(f"(stopped at the {params.max_new_tokens}-token budget; raise --max-new-tokens)", file=out)
         out.flush()
         history.append({"role": "assistant", "content": "".join(answer)})
     return history
@@ -162,7 +171,7 @@ def chat_loop(llm: LLM, params: SamplingParams, system: Optional[str] = None,
 
 def chat_main(args: argparse.Namespace, builtins: Optional[Mapping[str, Callable[[], Any]]] = None) -> int:
     llm = load_llm(args, builtins)
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     llm.apply_chat_template([{"role": "user", "content": "check"}])  # no tokenizer or template: fail before input
     if sys.stdin.isatty():

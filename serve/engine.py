@@ -51,6 +51,7 @@ class RequestStream:
         self.first_token: Optional[float] = None
         self.last_token: Optional[float] = None
         self.itl_s: List[float] = []
+        self.logprobs: List[tuple] = []  # per generated token, when the params ask for them
         self.text = ""
         self.finish_reason: Optional[str] = None
         self.finished = False
@@ -86,7 +87,7 @@ class RequestStream:
         return self
 
     # called by the engine loop
-    def _deliver(self, token_ids: Sequence[int], finished: bool, reason: Optional[str]) -> bool:
+    def _deliver(self, token_ids: Sequence[int], finished: bool, reason: Optional[str], logprobs: tuple = ()) -> bool:
         """Hand out new tokens; True when a stop string ended the request here (the loop then aborts it)."""
         now = time.perf_counter()
         if token_ids:
@@ -96,6 +97,7 @@ class RequestStream:
                 self.itl_s.append(now - self.last_token)
             self.last_token = now
         text = self.text_state.push(token_ids, final=finished)
+        self.logprobs.extend(logprobs)
         stop_hit = self.text_state.stopped and not finished
         if stop_hit:
             finished, reason = True, "stop"
@@ -103,7 +105,7 @@ class RequestStream:
         if finished:
             self.finished = True
             self.finish_reason = reason
-        self.queue.put_nowait(StreamDelta(self.request_id, tuple(token_ids), text, finished, reason))
+        self.queue.put_nowait(StreamDelta(self.request_id, tuple(token_ids), text, finished, reason, tuple(logprobs)))
         return stop_hit
 
 
@@ -264,7 +266,7 @@ class AsyncEngine:
                     continue
                 ntok += len(o.new_token_ids)
                 had_first = s.first_token is not None
-                if s._deliver(o.new_token_ids, o.finished, o.finish_reason):
+                if s._deliver(o.new_token_ids, o.finished, o.finish_reason, o.logprobs):
                     self._pending_abort.append(o.request_id)  # a stop string ended it: free its blocks
                 if self.metrics is not None and o.new_token_ids:
                     if had_first:

@@ -15,6 +15,7 @@ backend (in the registry's discovery order) whose device is not the host CPU, el
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -23,16 +24,24 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..core.errors import AnyaccelError, InvalidArgumentError
+from ..models.detokenize import TextState
 from ..models.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "StreamDelta", "choose_backend",
-           "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "StreamDelta",
+           "choose_backend", "ServeError", "TextState", "DEFAULT_KV_CACHE_BYTES",
+           "DEFAULT_PREFILL_WHILE_DECODING"]
 
 _OP = "LLM"
 
 #: KV-cache memory when the caller gives neither ``kv_cache_bytes`` nor ``num_blocks`` (about 5,700 tokens of
 #: SmolLM2-135M in float32).
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+#: Prompt tokens one engine step takes while other requests decode (chunked prefill). A step costs about a fixed
+#: weight-reading part plus a part per token; on 2 CPU cores with SmolLM2-135M, 32 prompt tokens add well under
+#: one batch-8 decode step, so a step that admits a prompt stays under twice a pure decode step (the p99/p50
+#: inter-token latency target of ``anyaccel bench serve``). A larger value shortens time to first token instead.
+DEFAULT_PREFILL_WHILE_DECODING = 32
 
 Prompt = Union[str, Sequence[int]]
 
@@ -77,6 +86,10 @@ class RequestOutput:
     :param token_ids: the generated tokens (a stop or end-of-sequence token that ended it is included).
     :param finish_reason: ``"stop"`` (end-of-sequence, a stop token or a stop string) or ``"length"`` (the
         ``max_new_tokens`` budget); ``"abort"`` when it was cancelled.
+    :param logprobs: with ``SamplingParams(logprobs=k)``: per generated token ``(logprob, ((id, logprob), ...))``,
+        its log-probability and the ``k`` most likely tokens'; else ``None``.
+    :param outputs: every choice (``SamplingParams(n=...)``) as :class:`CompletionOutput`; the fields above are
+        those of choice 0.
     """
 
     request_id: str
@@ -86,6 +99,19 @@ class RequestOutput:
     token_ids: List[int]
     finish_reason: str
     metrics: RequestMetrics
+    logprobs: Optional[List[tuple]] = None
+    outputs: Tuple["CompletionOutput", ...] = ()
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One choice of a request (``SamplingParams(n=...)`` asks for several)."""
+
+    index: int
+    text: Optional[str]
+    token_ids: List[int]
+    finish_reason: str
+    logprobs: Optional[List[tuple]] = None
 
 
 @dataclass(frozen=True)
@@ -98,49 +124,7 @@ class StreamDelta:
     text: str
     finished: bool
     finish_reason: Optional[str]
-
-
-class TextState:
-    """Incremental detokenisation and stop strings for one request (shared by :class:`LLM` and the server).
-
-    Text is re-decoded from all generated tokens (a token's text can depend on its neighbours), a trailing
-    incomplete UTF-8 character (U+FFFD) is held back, and the text already handed out is never changed. A stop
-    string may straddle deltas, so a tail of the text that is the start of a stop string is held back until the
-    next token settles it.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.token_ids: List[int] = []
-        self.sent = ""  # text handed out so far
-        self.stopped = False
-
-    def push(self, new_ids: Sequence[int], final: bool = False) -> str:
-        """Add tokens; return the new text that may be handed out. Sets :attr:`stopped` on a stop string."""
-        self.token_ids.extend(new_ids)
-        if self.tokenizer is None or self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        for s in self.stop:
-            i = text.find(s, max(0, len(self.sent) - len(s)))
-            if i >= 0:
-                text = text[:i]
-                self.stopped = True
-        if not self.stopped and not final:
-            if text.endswith("\ufffd"):
-                text = text[:-1]
-            keep = 0  # the longest tail of the text that could still grow into a stop string
-            for stop in self.stop:
-                for k in range(min(len(stop) - 1, len(text)), keep, -1):
-                    if text.endswith(stop[:k]):
-                        keep = k
-                        break
-            text = text[:max(len(self.sent), len(text) - keep)]
-        if not text.startswith(self.sent):  # the tokenizer changed earlier text: hand out only what is new
-            text = self.sent + text[len(self.sent):]
-        delta, self.sent = text[len(self.sent):], max(text, self.sent, key=len)
-        return delta
+    logprobs: tuple = ()  #: per new token ``(logprob, ((id, logprob), ...))`` when asked for
 
 
 def choose_backend(name: Any = None):
@@ -182,6 +166,9 @@ class LLM:
         ``num_blocks``.
     :param max_num_seqs: sequences decoded together at most; :param max_num_batched_tokens: tokens per step at
         most (longer prompts are prefilled in chunks that share steps with decode).
+    :param max_prefill_tokens_while_decoding: while sequences decode, at most this many prompt tokens join one
+        engine step (default :data:`DEFAULT_PREFILL_WHILE_DECODING`), which bounds how much a newly admitted prompt
+        stretches the running requests' inter-token latency; ``None``: only ``max_num_batched_tokens`` bounds it.
     :param name: the name the server reports in ``/v1/models`` (default: ``model`` when it is a string).
     :param deterministic: build with batch-invariant kernels only, so a request's logits do not depend on the
         requests batched with it (``None``: ``ANYACCEL_DETERMINISTIC``; ignored for an already built model).
@@ -200,7 +187,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, strict: bool = False, block_size: Optional[int] = None,
                  name: Optional[str] = None, builtins: Optional[Mapping[str, Callable[[], Any]]] = None,
                  deterministic: Optional[bool] = None, tensor_parallel_size: int = 1,
-                 quantization: Optional[str] = None, prefix_caching: bool = True) -> None:
+                 quantization: Optional[str] = None, prefix_caching: bool = True,
+                 max_prefill_tokens_while_decoding: Optional[int] = -1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from ..core.dispatch import deterministic_mode
         from ..models.base import build_model, parse_dtype
@@ -261,10 +249,13 @@ class LLM:
         if self.is_causal:
             if num_blocks is None and kv_cache_bytes is None:
                 kv_cache_bytes = DEFAULT_KV_CACHE_BYTES
+            if max_prefill_tokens_while_decoding == -1:
+                max_prefill_tokens_while_decoding = DEFAULT_PREFILL_WHILE_DECODING
             self.engine = Engine(self.model, kv_budget_bytes=kv_cache_bytes, num_blocks=num_blocks,
                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                  prefix_caching=prefix_caching,
-                                 prefix_cache_key=os.fspath(model) if isinstance(model, (str, os.PathLike)) else None)
+                                 prefix_cache_key=os.fspath(model) if isinstance(model, (str, os.PathLike)) else None,
+                                 max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding)
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def _need_tokenizer(self, what: str):
@@ -338,10 +329,18 @@ class LLM:
                                            len(st.token_ids))
                         if finished:
                             live.discard(o.request_id)
-                        yield i, StreamDelta(o.request_id, tuple(o.new_token_ids), text, finished, reason), m
+                        yield i, StreamDelta(o.request_id, tuple(o.new_token_ids), text, finished, reason,
+                                             tuple(o.logprobs)), m
             finally:
                 for r in added:
                     engine.abort(r)  # a no-op for finished requests; frees the blocks of an abandoned stream
+
+    def _one_choice(self, params: Any) -> List[SamplingParams]:
+        p = self._params(params, 1)
+        if p[0].n != 1:
+            raise InvalidArgumentError(_OP, "params.n", "1 for a stream (one choice)", p[0].n,
+                                       "Use generate() for several choices")
+        return p
 
     def _params(self, params: Any, n: int) -> List[SamplingParams]:
         if params is None:
@@ -380,22 +379,45 @@ class LLM:
         return self._collect(prompts, ids, self._params(params, len(ids)))
 
     def _collect(self, prompts, ids, plist) -> List[RequestOutput]:
-        toks: List[List[int]] = [[] for _ in ids]
-        texts = [""] * len(ids)
+        # n choices of a prompt are n engine requests (seeds seed, seed + 1, ...), regrouped below.
+        owner: List[Tuple[int, int]] = []  # engine request -> (prompt, choice)
+        run_ids: List[List[int]] = []
+        run_params: List[SamplingParams] = []
+        for i, p in enumerate(plist):
+            for c in range(p.n):
+                owner.append((i, c))
+                run_ids.append(ids[i])
+                seed = None if p.seed is None else (p.seed + c) % 2 ** 63
+                run_params.append(dataclasses.replace(p, n=1, seed=seed) if p.n > 1 else p)
+        toks: List[List[int]] = [[] for _ in run_ids]
+        texts = [""] * len(run_ids)
+        lps: List[List[tuple]] = [[] for _ in run_ids]
         done: Dict[int, Tuple[str, str, RequestMetrics]] = {}
-        for i, d, m in self._run(ids, plist):
-            toks[i].extend(d.token_ids)
-            texts[i] += d.text
+        for j, d, m in self._run(run_ids, run_params):
+            toks[j].extend(d.token_ids)
+            texts[j] += d.text
+            lps[j].extend(d.logprobs)
             if d.finished:
-                done[i] = (d.request_id, d.finish_reason, m)
-        return [RequestOutput(done[i][0], p if isinstance(p, str) else None, ids[i],
-                              texts[i] if self.tokenizer is not None else None, toks[i], done[i][1], done[i][2])
-                for i, p in enumerate(prompts)]
+                done[j] = (d.request_id, d.finish_reason, m)
+        has_text = self.tokenizer is not None
+        choices: List[List[CompletionOutput]] = [[] for _ in ids]
+        first: Dict[int, int] = {}
+        for j, (i, c) in enumerate(owner):
+            first.setdefault(i, j)
+            choices[i].append(CompletionOutput(c, texts[j] if has_text else None, toks[j], done[j][1],
+                                               lps[j] if run_params[j].logprobs is not None else None))
+        outs = []
+        for i, p in enumerate(prompts):
+            j = first[i]
+            c0 = choices[i][0]
+            outs.append(RequestOutput(done[j][0], p if isinstance(p, str) else None, ids[i], c0.text, c0.token_ids,
+                                      c0.finish_reason, done[j][2], c0.logprobs, tuple(choices[i])))
+        return outs
 
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """Yield :class:`StreamDelta` s of one prompt as its tokens are generated; breaking out frees its blocks."""
         ids = self.encode(prompt)
-        p = self._params(params, 1)
+        p = self._one_choice(params)
         for _, d, _m in self._run([ids], p):
             yield d
 
@@ -412,7 +434,7 @@ class LLM:
                     params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """:meth:`stream` for one conversation (the interactive ``anyaccel chat`` uses it)."""
         ids = self.apply_chat_template(messages)
-        for _, d, _m in self._run([ids], self._params(params, 1)):
+        for _, d, _m in self._run([ids], self._one_choice(params)):
             yield d
 
     # -- embeddings ---------------------------------------------------------------------------------------------

@@ -90,6 +90,101 @@ def test_stop_string_over_http(client, tiny_llm):
     assert r.choices[0].text == ref.text[:ref.text.index(stop)] and r.choices[0].finish_reason == "stop"
 
 
+def _expected_logprobs(llm, prompt_ids, out_ids):
+    """log_softmax of the model's teacher-forced logits at each generated position (one fresh paged prefill)."""
+    import torch
+
+    from anyaccel.models.runner import teacher_forced_logits
+
+    logits = teacher_forced_logits(llm.model, list(prompt_ids) + list(out_ids)[:-1])
+    return torch.log_softmax(logits.float(), dim=-1)[len(prompt_ids) - 1:]
+
+
+def test_completion_logprobs_are_the_models(client, tiny_llm, char_tokenizer):
+    prompt = list(range(10, 30))
+    r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    ids = c.model_extra["token_ids"]
+    lp = c.logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(ids) == 6
+    ref = _expected_logprobs(tiny_llm, prompt, ids)
+    for i, t in enumerate(ids):
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i, t]), abs=1e-4)
+        assert lp.tokens[i] == char_tokenizer.decode([t])
+        top = lp.top_logprobs[i]
+        assert len(top) == 3 and max(top.values()) == pytest.approx(lp.token_logprobs[i], abs=1e-6)  # greedy
+        best = sorted(range(ref.shape[1]), key=lambda j: -float(ref[i, j]))[:3]
+        assert sorted(top.values(), reverse=True) == pytest.approx([float(ref[i, j]) for j in best], abs=1e-4)
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(6)]
+    # streamed: the same logprobs, chunk by chunk
+    chunks = list(client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=6, temperature=0,
+                                            logprobs=3, stream=True, extra_body={"ignore_eos": True}))
+    got = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    offs = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.text_offset]
+    assert got == pytest.approx(lp.token_logprobs, abs=1e-6) and offs == lp.text_offset
+    plain = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(client, tiny_llm):
+    msgs = [{"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    ids = c.model_extra["token_ids"]
+    content = c.logprobs.content
+    assert len(content) == len(ids) == r.usage.completion_tokens
+    ref = _expected_logprobs(tiny_llm, tiny_llm.apply_chat_template(msgs), ids)
+    for i, (e, t) in enumerate(zip(content, ids)):
+        assert e.logprob == pytest.approx(float(ref[i, t]), abs=1e-4)
+        assert bytes(e.bytes).decode() == e.token
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token  # greedy: the best is the chosen
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+    only = client.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3, temperature=0,
+                                          logprobs=True)
+    assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-llama", messages=msgs, max_tokens=3, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+def test_n_choices_are_seeded_per_choice_and_match_llm_generate(client, tiny_llm):
+    prompt = list(range(5, 25))
+    r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=3,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    got = [c.model_extra["token_ids"] for c in r.choices]
+    want = [_sampled(tiny_llm, prompt, 8, 7 + i) for i in range(3)]
+    assert got == want and len({tuple(g) for g in got}) > 1  # distinct seeds give distinct samples
+    assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == len(prompt)
+    api = tiny_llm.generate(prompt, SamplingParams(max_new_tokens=8, temperature=1.0, seed=7, n=3,
+                                                   ignore_eos=True))[0]
+    assert [o.token_ids for o in api.outputs] == want and api.token_ids == want[0]
+    assert [o.index for o in api.outputs] == [0, 1, 2]
+
+
+def test_n_choices_stream_interleaved_by_index(client, tiny_llm):
+    msgs = [{"role": "user", "content": "Tell me"}]
+    kw = dict(model="tiny-llama", messages=msgs, max_tokens=6, temperature=1.0, seed=3, n=2,
+              extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    texts, reasons = {0: "", 1: ""}, {}
+    for ch in client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert reasons == {0: "length", 1: "length"}
+    assert _idle(tiny_llm)
+
+
+def _sampled(llm, prompt, n, seed):
+    return llm.generate(prompt, SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed,
+                                               ignore_eos=True))[0].token_ids
+
+
 def test_embeddings_and_models(client, tiny_bert):
     r = client.embeddings.create(model="tiny-bert", input=["hello world", "a"])
     ref = tiny_bert.embed(["hello world", "a"])
@@ -105,10 +200,11 @@ def test_embeddings_and_models(client, tiny_bert):
     (dict(max_tokens=0), "max_tokens"),
     (dict(temperature=5), "temperature"),
     (dict(top_p=0), "top_p"),
-    (dict(n=2), "n"),
+    (dict(n=17), "n"),
+    (dict(echo=True), "echo"),
     (dict(stop=[""]), "stop"),
     (dict(extra_body={"seed": -1}), "seed"),
-    (dict(logprobs=2), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
 ])
 def test_bad_parameters_are_400_naming_the_field(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -127,3 +127,18 @@ def test_serve_command_answers_curl_style_requests(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stdout.read().decode()[-2000:]
+
+
+def test_generate_and_chat_document_one_budget_spelling_and_accept_both():
+    from anyaccel.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if a.choices and "chat" in a.choices).choices
+    for cmd, default in (("generate", 32), ("chat", 256)):
+        help_text = " ".join(sub[cmd].format_help().split())
+        assert "--max-new-tokens" in help_text and f"(default {default}" in help_text, cmd
+        assert "--max-tokens" not in help_text, cmd
+    base = {"generate": ["generate", "--model", "llama", "--prompt-ids", "1"], "chat": ["chat", "llama"]}
+    for cmd, argv in base.items():
+        assert p.parse_args(argv + ["--max-tokens", "5"]).max_new_tokens == 5
+        assert p.parse_args(argv + ["--max-new-tokens", "6"]).max_new_tokens == 6
