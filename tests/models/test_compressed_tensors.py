@@ -35,7 +35,7 @@ def _greedy(model):
 
 
 @pytest.mark.parametrize("ckpt,scheme", [("w8a8_int8", "int8"), ("fp8_dynamic", "fp8_e4m3fn")])
-@pytest.mark.parametrize("backend", ["cpu", "triton-interpreter"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton-interpreter", marks=pytest.mark.slow)])
 def test_checkpoint_runs_from_its_8bit_weights(ckpt, scheme, backend):
     be = _backend(backend)
     model = load_compressed_tensors(DATA / ckpt, be, torch.float32)

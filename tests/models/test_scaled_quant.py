@@ -55,7 +55,7 @@ def hf():
     return make_reference(TINY_CONFIGS["llama"], seed=0)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("fp8", marks=pytest.mark.slow)])
 def test_quantized_tiny_llama_matches_its_dequantized_reference(hf, scheme):
     cpu = _cpu()
     bare = Backend.local(BackendDef(name="bare", vendor="tests", device_type="cpu"), kernels=[])
