@@ -158,7 +158,7 @@ def token_logprobs(logits_SV: torch.Tensor, tokens: Sequence[int], k: Sequence[i
     """For each row: ``(logprob of tokens[i], ((id, logprob), ...) of the k[i] most likely tokens)``, from the
     float32 ``log_softmax`` of the raw logits."""
     lp_SV = torch.log_softmax(logits_SV.float(), dim=-1)
-    kmax = max(k) if k else 0
+    kmax = min(max(k) if k else 0, lp_SV.shape[-1])  # never more alternatives than the vocabulary has
     top_v, top_i = torch.topk(lp_SV, kmax, dim=-1) if kmax else (None, None)
     chosen = lp_SV.gather(1, torch.tensor(list(tokens), dtype=torch.int64, device=lp_SV.device)[:, None])[:, 0]
     chosen_l = chosen.tolist()
