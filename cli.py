@@ -701,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--new-tokens", dest="new_tokens", type=int, default=32)
     bd.add_argument("--rounds", type=int, default=3, help="alternating A/B rounds")
     bd.add_argument("--quick", action="store_true", help="tiny model (a smoke run)")
+    bd.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     bd.set_defaults(func=cmd_bench_determinism)
     from .bench.model import add_bench_model_arguments
     from .models.cli_support import add_generate_arguments

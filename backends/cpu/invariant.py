@@ -253,8 +253,11 @@ def _build_attention(spec: AttentionSpec):
                 m = s5.amax(dim=(2, 4), keepdim=True)                 # exact: a max has no order
                 p5 = lanewise(torch.exp, s5 - m)
                 l_parts = tree_sum(p5).view(n, hkv, nt, g, 1)
+                V_HKD[:, kpos_K >= L] = 0.0                          # slots past the context: never written
                 Vt = V_HKD.view(1, hkv, nt, KB, d).expand(n, hkv, nt, KB, d)
-                Vt = Vt.masked_fill(mask.view(n, 1, nt, KB, 1), 0.0).reshape(-1, KB, d)  # 0 * NaN is NaN
+                if not bool(torch.isfinite(V_HKD).all()):  # a p of 0 times NaN is NaN: zero V where masked
+                    Vt = Vt.masked_fill(mask.view(n, 1, nt, KB, 1), 0.0)
+                Vt = Vt.reshape(-1, KB, d)
                 o5 = torch.bmm(p5.view(-1, g, KB), Vt).view(n, hkv, nt, g, d)
                 acc = o5[:, :, 0].clone()
                 den = l_parts[:, :, 0].clone()

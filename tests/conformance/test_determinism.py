@@ -60,7 +60,7 @@ def test_cpu_deterministic_mode_is_bitwise_batch_invariant(cpu_backend):
 
 def test_cpu_default_mode_is_not_bitwise_batch_invariant(cpu_backend):
     """The check can fail: torch's CPU matmul takes other code paths for other row counts."""
-    res = D.sensitivity(cpu_backend, torch.float32, batch_sizes=(1, 3, 32), chunk_sizes=(None, 7))
+    res = D.sensitivity(cpu_backend, torch.float32, batch_sizes=(1, 3), chunk_sizes=(None, 7))
     assert res["differs"], [(c.name, c.status) for c in res["cases"]]
 
 
