@@ -52,11 +52,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1, metavar="N",
                    help="tensor parallel size: shard the model over N processes started by torchrun "
                         "(torchrun --nproc-per-node N -m anyaccel generate ... --tp N); only rank 0 prints")
-    p.add_argument("--quantization", default=None, choices=("none", "int4", "int8"),
-                   help="quantize the linear layers' weights on the fly (round to nearest; int4: symmetric group "
-                        "128, int8: symmetric per-channel; the LM head stays float) and run them packed; 'none' "
-                        "runs float weights. Default: a GGUF file's own quantized blocks run packed, other "
-                        "checkpoints run float")
+    from .quant import QUANTIZATION_CHOICES
+
+    p.add_argument("--quantization", default=None, choices=QUANTIZATION_CHOICES,
+                   help="quantize the linear layers on the fly (round to nearest; the LM head stays float) and run "
+                        "them packed: int4 (weights, symmetric group 128), int8 (weights, symmetric per-channel), "
+                        "w8a8-int8 and fp8 (weights per-channel and activations per-token, dynamic, through the "
+                        "scaled GEMM); 'none' runs float weights. Default: a GGUF file's own quantized blocks run "
+                        "packed, other checkpoints run float")
     p.add_argument("--dequantize", action="store_true",
                    help="dequantize a GGUF file's blocks to --dtype at load (the float path) instead of running "
                         "them packed")

@@ -28,6 +28,7 @@ from ..core.backend import Backend
 from ..core.errors import InvalidArgumentError
 from ..core.weight_only import WEIGHT_FORMATS, QuantizedWeight, WeightOnlyGemm, WeightOnlyGemmSpec, quantize_rtn
 from .layers import Linear
+from .scaled_quant import ScaledLinear, scaled_schemes
 
 __all__ = ["QuantizedLinear", "QuantScheme", "SCHEMES", "register_scheme", "quantize_model", "pack_from_gguf",
            "linear_layers", "concat_rows", "QUANTIZATION_CHOICES", "describe_quantization"]
@@ -109,6 +110,9 @@ register_scheme(QuantScheme("int4", _rtn_layer("int4", False),
 register_scheme(QuantScheme("int8", _rtn_layer("int8", True),
                             "int8 weights, symmetric per-channel, round to nearest"))
 
+for _scheme in scaled_schemes(QuantScheme):  # w8a8-int8, fp8: activations quantized too (core/scaled_gemm.py)
+    register_scheme(_scheme)
+
 #: ``--quantization`` choices (``none``: float weights).
 QUANTIZATION_CHOICES = ("none", *SCHEMES)
 
@@ -122,7 +126,7 @@ def linear_layers(model: Any) -> Iterator[Tuple[Any, str, Any]]:
             return
         seen.add(id(obj))
         for name, v in list(vars(obj).items()):
-            if isinstance(v, (Linear, QuantizedLinear)):
+            if isinstance(v, (Linear, QuantizedLinear, ScaledLinear)):
                 yield obj, name, v
             elif isinstance(v, (list, tuple)):
                 for item in v:
@@ -203,7 +207,7 @@ def pack_from_gguf(model: Any, packed: Dict[str, QuantizedWeight]) -> List[str]:
 def describe_quantization(model: Any) -> str:
     """One line: the scheme, how many linear layers are packed and in which formats, and the kernels chosen."""
     layers = [lay for _, _, lay in linear_layers(model)]
-    q = [lay for lay in layers if isinstance(lay, QuantizedLinear)]
+    q = [lay for lay in layers if isinstance(lay, (QuantizedLinear, ScaledLinear))]
     if not q:
         return "float weights (no quantization)"
     fmts: Dict[str, int] = {}
@@ -211,7 +215,7 @@ def describe_quantization(model: Any) -> str:
     for lay in q:
         fmts[lay.format] = fmts.get(lay.format, 0) + 1
         kernels.add(lay.op.selection.chosen if lay.op.selection else "direct")
-    nbytes = sum(lay.weight.nbytes for lay in q)
+    nbytes = sum(lay.nbytes if isinstance(lay, ScaledLinear) else lay.weight.nbytes for lay in q)
     return (f"{getattr(model, 'quantization', '?')}: {len(q)}/{len(layers)} linear layers packed "
             f"({', '.join(f'{n} {f}' for f, n in sorted(fmts.items()))}; {nbytes / 2**20:.1f} MiB), kernels "
             f"{', '.join(sorted(kernels))}")
