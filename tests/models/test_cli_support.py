@@ -96,7 +96,7 @@ def with_tokenizer(monkeypatch, cpu_backend, reference_models):
     from anyaccel.models import cli_support
     from anyaccel.models.base import build_model
 
-    def load(name, backend, dtype, strict=False, builtins=None):
+    def load(name, backend, dtype, strict=False, builtins=None, **kwargs):
         return build_model(reference_models("llama"), backend, dtype, strict=strict), _CharTokenizer
 
     monkeypatch.setattr(cli_support, "load_generation_model", load)
