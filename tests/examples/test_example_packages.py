@@ -129,7 +129,7 @@ def test_provider_kernel_wins_on_cpu_for_its_shapes_only(registry):
     assert wide.selection.provider == "fastnorm-anyaccel"
     narrow = RMSNorm.build(RMSNormSpec(512, torch.bfloat16), cpu, strict=True).selection
     assert narrow.chosen == "cpu.rms_norm.torch"
-    [rejected] = [c for c in narrow.candidates if not c.chosen]
+    [rejected] = [c for c in narrow.candidates if c.provider == "fastnorm-anyaccel"]
     assert rejected.reasons == ("hidden_size 512 is below min_hidden_size 1024",)
     # and it computes the right thing, in place, over more rows than one block
     x, res, w = (torch.randn(600, 4096), torch.randn(600, 4096), torch.randn(4096))
@@ -149,12 +149,12 @@ def test_explain_and_backends_show_the_provider_overriding_cpu():
             in r.stdout)
     j = _run("explain", "rms_norm", "--backend", "cpu", "--hidden-size", "4096", "--json")
     data = json.loads(j.stdout)
-    assert data["kernel_provider"] == "fastnorm-anyaccel" and data["overrides"] == ["cpu.rms_norm.torch"]
+    assert data["kernel_provider"] == "fastnorm-anyaccel" and data["overrides"] == ["cpu.rms_norm.torch", "cpu.rms_norm.tree"]  # tree: the batch-invariant one
     assert data["backend_package"] == "anyaccel"
     b = json.loads(_run("backends", "--json").stdout)
     cpu = next(x for x in b["backends"] if x["name"] == "cpu")
     [prov] = cpu["kernel_providers"]
-    assert prov["package"] == "fastnorm-anyaccel" and prov["overrides"] == ["cpu.rms_norm.torch"]
+    assert prov["package"] == "fastnorm-anyaccel" and prov["overrides"] == ["cpu.rms_norm.torch", "cpu.rms_norm.tree"]
     example = next(x for x in b["backends"] if x["name"] == "example")
     assert example["package"] == "acme-anyaccel" and example["kernel_providers"] == []
     table = _run("backends").stdout

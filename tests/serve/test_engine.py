@@ -121,7 +121,9 @@ def test_async_engine_serves_concurrent_requests_with_their_tokens(tiny_llm, alo
                 toks.extend(d.token_ids)
             return i, toks, s.finish_reason, s.ttft_s
 
-        res = await asyncio.gather(*(one(i, 0.05 * i) for i in range(len(PROMPTS))))
+        # arrivals 1 ms apart: each request needs 24 steps, so they overlap on any machine (50 ms apart let a fast
+        # machine finish each request before the next arrived, and nothing was batched)
+        res = await asyncio.gather(*(one(i, 0.001 * i) for i in range(len(PROMPTS))))
         await eng.shutdown(1)
         return res, eng.steps
 
