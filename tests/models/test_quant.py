@@ -47,7 +47,7 @@ def test_on_the_fly_quantization_matches_dequantized_reference(registry, backend
 def test_quantized_layers_are_packed_and_unknown_scheme_is_refused(registry, tiny_gguf):
     from anyaccel.models.gguf import build_gguf_model
 
-    model, _ = build_gguf_model(tiny_gguf, registry.get("cpu"), torch.float32, dequantize=False)
+    model, _ = build_gguf_model(tiny_gguf, registry.get("cpu"), torch.bfloat16, dequantize=False)
     q = [lay for _, _, lay in linear_layers(model) if isinstance(lay, QuantizedLinear)]
     assert q and all(lay.key + ".weight" not in model.weights for lay in q)  # the float copies are gone
     assert {lay.weight.layout for lay in q} >= {"cpu.int4pack", "cpu.int8_groups"}
