@@ -38,10 +38,11 @@ _OP = "LLM"
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 
 #: Prompt tokens one engine step takes while other requests decode (chunked prefill). A step costs about a fixed
-#: weight-reading part plus a part per token; on 2 CPU cores with SmolLM2-135M, 32 prompt tokens add well under
-#: one batch-8 decode step, so a step that admits a prompt stays under twice a pure decode step (the p99/p50
-#: inter-token latency target of ``anyaccel bench serve``). A larger value shortens time to first token instead.
-DEFAULT_PREFILL_WHILE_DECODING = 32
+#: weight-reading part plus a part per token; on 2 CPU cores with SmolLM2-135M, 16 prompt tokens keep a step that
+#: admits a prompt under twice a pure decode step (the p99/p50 inter-token latency target of ``anyaccel bench
+#: serve``) in float32 and in bfloat16; 32 met it in float32 only (bf16 decode steps are shorter, so the same
+#: prompt chunk stretches them more). A larger value shortens time to first token instead.
+DEFAULT_PREFILL_WHILE_DECODING = 16
 
 Prompt = Union[str, Sequence[int]]
 
