@@ -224,14 +224,21 @@ def generate_main(args: argparse.Namespace, backend: Any = None,
 
         comm = init_from_env(backend, tp)
         seed = shared_seed(comm, seed)  # every rank samples the same token
+    if comm is None:
+        return _generate(args, backend, builtins, dtype, seed, comm)
     try:
         rc = _generate(args, backend, builtins, dtype, seed, comm)
-        if comm is not None:
-            comm.barrier()  # every rank done before any tears its group down (a torn group aborts the peer)
-        return rc
-    finally:
-        if comm is not None:
-            comm.destroy()
+        comm.barrier()  # every rank done before any tears its group down (a torn group aborts the peer)
+    except BaseException:
+        comm.destroy()
+        raise
+    # Known bug, not yet understood: tearing the gloo group down (destroy_process_group, or the destructors at
+    # interpreter exit) intermittently aborts one rank with "terminate called without an active exception" after
+    # all work and the barrier are done (seen in about 1 run in 4 of tests/conformance/test_tp.py). This is the
+    # end of a torchrun-launched command: flush what was printed and leave without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _generate(args: argparse.Namespace, backend: Any, builtins: Any, dtype: Any, seed: Optional[int], comm: Any
